@@ -1,0 +1,2 @@
+"""hanlb: highly available network load balancer."""
+__version__ = "0.1.0"

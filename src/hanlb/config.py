@@ -1,0 +1,310 @@
+"""Cluster configuration: one TOML file describes the whole cluster.
+
+It names the applications (VIP, port, protocol, pool of hosts with weights), the
+components and their addresses, the timers and the cluster key. `load_config`
+validates it; every error names the field (a dotted path such as
+``applications[0].pool[1].weight``) and the reason, and nothing half-loaded is
+returned.  See ``examples/cluster.toml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Application",
+    "ClassifierConfig",
+    "ClusterConfig",
+    "ConfigError",
+    "ForwarderConfig",
+    "HostConfig",
+    "PoolMember",
+    "Timers",
+    "load_config",
+    "parse_config",
+]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+Name = Annotated[str, Field(pattern=_NAME)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid. ``problems`` lists ``(field, reason)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {field}: {reason}" for field, reason in problems)
+        super().__init__(f"{source} is invalid:\n{lines}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 address") from exc
+
+
+def _endpoint(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not ADDRESS:PORT")
+    return _ipv4(host), int(port)
+
+
+class Timers(_Model):
+    """Every timer of the data path and control plane, in seconds."""
+
+    route_linger: Seconds = 2.0
+    """After a FIN or RST from the client, how long the route stays before deletion."""
+    route_idle_timeout: Seconds = 120.0
+    """A route that carries no packet for this long is deleted."""
+    sweep_interval: Seconds = 0.5
+    """How often a forwarder looks for routes to delete."""
+    liveness_interval: Seconds = 0.05
+    """Liveness probe interval between components."""
+    liveness_misses: Annotated[int, Field(ge=1, le=100)] = 3
+    """Missed probes after which a peer is declared dead."""
+    classify_timeout: Seconds = 1.0
+    """A held first packet whose route has not come by then is dropped (the client retries)."""
+    reconnect_interval: Seconds = 0.2
+    """Delay between attempts to reach a peer."""
+
+
+class HostConfig(_Model):
+    name: Name
+    address: str
+    """The host's own address on the server LAN."""
+    mac: str
+    """The MAC the forwarders write as the destination (L2 direct server return)."""
+    agent: str | None = None
+    """ADDRESS:PORT of the host agent (health issue); optional."""
+
+    _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        if not _MAC.match(v):
+            raise ValueError(f"{v!r} is not a MAC address like 02:00:00:00:00:01")
+        return v.lower()
+
+
+class PoolMember(_Model):
+    host: Name
+    weight: Annotated[int, Field(ge=0, le=1000)] = 1
+
+
+class Application(_Model):
+    name: Name
+    vip: str
+    port: Port
+    protocol: Literal["tcp"] = "tcp"
+    mode: Literal["l4", "http"] = "l4"
+    selection: Literal["swrr"] = "swrr"
+    """How a new flow's host is chosen: smooth weighted round robin."""
+    mid_flow_miss: Literal["drop", "reset"] = "drop"
+    """Answer to a packet of an unknown flow that is not a new connection (no SYN)."""
+    pool: list[PoolMember] = Field(min_length=1)
+
+    _vip = field_validator("vip")(classmethod(lambda cls, v: _ipv4(v)))
+
+    @field_validator("pool")
+    @classmethod
+    def _unique_hosts(cls, v: list[PoolMember]) -> list[PoolMember]:
+        names = [m.host for m in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"host listed twice: {', '.join(sorted(dup))}")
+        if not any(m.weight for m in v):
+            raise ValueError("every weight is 0: nothing could be chosen")
+        return v
+
+
+class ForwarderConfig(_Model):
+    name: Name
+    address: str
+    """This forwarder's address on the server LAN (the router's next hop)."""
+    interface: str = "lan0"
+    """The LAN interface: packets arrive on it and leave on it (L2 DSR)."""
+    datapath: Literal["kernel", "userspace", "memory"] = "kernel"
+    miss_device: str = "hlmiss0"
+    """TAP device the kernel datapath sends table misses to."""
+    classifiers: list[Name] = Field(default_factory=list)
+    """Preferred classifiers in order; empty means every classifier, spread by name."""
+    admin: str | None = None
+    """Optional ADDRESS:PORT for the admin HTTP endpoint (a unix socket is always served)."""
+
+    _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
+
+    @field_validator("admin")
+    @classmethod
+    def _admin(cls, v: str | None) -> str | None:
+        if v is not None:
+            _endpoint(v)
+        return v
+
+
+class ClassifierConfig(_Model):
+    name: Name
+    listen: str
+    """ADDRESS:PORT where forwarders connect for route plumbing."""
+    admin: str | None = None
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _ep(cls, v: str | None) -> str | None:
+        if v is not None:
+            _endpoint(v)
+        return v
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return _endpoint(self.listen)
+
+
+class ClusterSection(_Model):
+    name: Name = "hanlb"
+    key: str = Field(min_length=16)
+    """Shared cluster key for HMAC-SHA256 on every control message (>= 16 characters)."""
+    run_dir: str = "/run/hanlb"
+    """Unix admin sockets live here: <run_dir>/<component>.sock."""
+
+
+class ClusterConfig(_Model):
+    cluster: ClusterSection
+    timers: Timers = Timers()
+    hosts: list[HostConfig] = Field(min_length=1)
+    applications: list[Application] = Field(min_length=1)
+    forwarders: list[ForwarderConfig] = Field(default_factory=list)
+    classifiers: list[ClassifierConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> ClusterConfig:
+        problems: list[tuple[str, str]] = []
+        for kind in ("hosts", "applications", "forwarders", "classifiers"):
+            seen: set[str] = set()
+            for i, item in enumerate(getattr(self, kind)):
+                if item.name in seen:
+                    problems.append((f"{kind}[{i}].name", f"duplicate name {item.name!r}"))
+                seen.add(item.name)
+        hosts = {h.name for h in self.hosts}
+        listeners: set[tuple[str, int]] = set()
+        for i, app in enumerate(self.applications):
+            if (app.vip, app.port) in listeners:
+                problems.append((f"applications[{i}].port", f"{app.vip}:{app.port} used twice"))
+            listeners.add((app.vip, app.port))
+            for j, member in enumerate(app.pool):
+                if member.host not in hosts:
+                    problems.append(
+                        (f"applications[{i}].pool[{j}].host", f"no host named {member.host!r}")
+                    )
+        classifiers = {c.name for c in self.classifiers}
+        for i, fw in enumerate(self.forwarders):
+            for j, name in enumerate(fw.classifiers):
+                if name not in classifiers:
+                    problems.append(
+                        (f"forwarders[{i}].classifiers[{j}]", f"no classifier named {name!r}")
+                    )
+        if self.forwarders and not self.classifiers:
+            problems.append(("classifiers", "forwarders need at least one classifier"))
+        if problems:
+            raise ValueError("; ".join(f"{f}: {r}" for f, r in problems))
+        return self
+
+    # -- lookups ---------------------------------------------------------------
+
+    def host(self, name: str) -> HostConfig:
+        return next(h for h in self.hosts if h.name == name)
+
+    def forwarder(self, name: str) -> ForwarderConfig:
+        for f in self.forwarders:
+            if f.name == name:
+                return f
+        raise KeyError(f"no forwarder named {name!r}")
+
+    def classifier(self, name: str) -> ClassifierConfig:
+        for c in self.classifiers:
+            if c.name == name:
+                return c
+        raise KeyError(f"no classifier named {name!r}")
+
+    def classifiers_for(self, forwarder: str) -> list[ClassifierConfig]:
+        """The classifiers a forwarder uses, preferred first.
+
+        Without an explicit list, forwarders are spread evenly: forwarder number i
+        starts at classifier i mod n and falls back to the others in order.
+        """
+        fw = self.forwarder(forwarder)
+        if fw.classifiers:
+            return [self.classifier(n) for n in fw.classifiers]
+        names = sorted(c.name for c in self.classifiers)
+        index = sorted(f.name for f in self.forwarders).index(forwarder)
+        start = index % len(names)
+        return [self.classifier(n) for n in names[start:] + names[:start]]
+
+    @property
+    def key_bytes(self) -> bytes:
+        return self.cluster.key.encode()
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: dict[str, object], source: str = "config") -> ClusterConfig:
+    """Validate an already parsed TOML document."""
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        problems: list[tuple[str, str]] = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "value_error" and ": " in msg and not err["loc"]:
+                # cross-field problems carry their own field paths
+                for part in msg.split("; "):
+                    field, _, reason = part.partition(": ")
+                    problems.append((field, reason))
+                continue
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            problems.append((_loc(tuple(err["loc"])), msg))
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a TOML configuration file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError([("(file)", f"cannot read {p}: {exc.strerror}")], str(p)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("(syntax)", str(exc))], str(p)) from None
+    return parse_config(data, str(p))

@@ -1,0 +1,1 @@
+"""Wire protocols: framing.py (the envelope), codec.py (typed bodies), messages.py."""
