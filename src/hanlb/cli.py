@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
 import click
 
+from . import admin
+from .config import ClusterConfig, ConfigError, load_config
 from .lab.cli import lab
+
+ROLES = ("forwarder", "classifier")
+LAB_CONFIG = "/run/hanlb/lab/cluster.toml"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,5 +31,146 @@ def main() -> None:
 main.add_command(lab)
 
 
+def _load(path: str) -> ClusterConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _local_addresses() -> set[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {a.get("IFA_ADDRESS") for a in ipr.get_addr(family=2)} - {None}
+
+
+def placed_here(config: ClusterConfig) -> list[tuple[str, str]]:
+    """Components whose configured address is on this machine."""
+    local = _local_addresses()
+    found = [("classifier", c.name) for c in config.classifiers if c.endpoint[0] in local]
+    found += [("forwarder", f.name) for f in config.forwarders if f.address in local]
+    return found
+
+
+def _service(config: ClusterConfig, role: str, name: str) -> Any:
+    if role == "forwarder":
+        from .forwarder.service import ForwarderService
+
+        config.forwarder(name)
+        return ForwarderService(config, name)
+    from .classifier.service import ClassifierService
+
+    config.classifier(name)
+    return ClassifierService(config, name)
+
+
+def _run_forever(coro: Coroutine[Any, Any, Any]) -> None:
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+
+    async def main_task() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await coro
+
+    runner(main_task())
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--role", type=click.Choice(ROLES))
+@click.option("--name")
+@click.option("-v", "--verbose", is_flag=True)
+def run(config_path: str, role: str | None, name: str | None, verbose: bool) -> None:
+    """Run one component (--role and --name), or every component the config
+    places on this machine (by address)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    config = _load(config_path)
+    if (role is None) != (name is None):
+        raise click.UsageError("--role and --name go together")
+    wanted = [(role, name)] if role and name else placed_here(config)
+    if not wanted:
+        raise click.ClickException("the config places no component on this machine")
+    try:
+        services = [_service(config, r, n) for r, n in wanted]
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from None
+
+    async def all_services() -> None:
+        await asyncio.gather(*(s.run() for s in services))
+
+    _run_forever(all_services())
+
+
+def _ctl_config(config_path: str | None) -> ClusterConfig:
+    path = config_path or (LAB_CONFIG if Path(LAB_CONFIG).exists() else None)
+    if path is None:
+        raise click.UsageError("give --config (no lab is running)")
+    return _load(path)
+
+
+@main.group()
+def ctl() -> None:
+    """Query running components through their admin sockets."""
+
+
+def _query(config: ClusterConfig, name: str, path: str) -> Any:
+    try:
+        return admin.query(config.cluster.run_dir, name, path)
+    except OSError as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+
+
+@ctl.command()
+@click.option("--forwarder", "name", required=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def routes(name: str, config_path: str | None, as_json: bool) -> None:
+    """A forwarder's local route table."""
+    config = _ctl_config(config_path)
+    rows = _query(config, name, "/routes")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'client':<22} {'vip':<20} {'host':<10} {'state':<8} packets")
+    for r in rows:
+        click.echo(
+            f"{r['client']:<22} {r['vip']:<20} {r['host']:<10} {r['state']:<8} {r['packets']}"
+        )
+    click.echo(f"{len(rows)} routes")
+
+
+@ctl.command()
+@click.argument("name")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def status(name: str, config_path: str | None) -> None:
+    """A component's status and counters (JSON)."""
+    config = _ctl_config(config_path)
+    click.echo(json.dumps(_query(config, name, "/status"), indent=1))
+
+
+@ctl.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a config file; every error names its field."""
+    config = _load(config_path)
+    click.echo(
+        f"{config_path}: ok ({len(config.applications)} applications, {len(config.hosts)} hosts, "
+        f"{len(config.forwarders)} forwarders, {len(config.classifiers)} classifiers)"
+    )
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

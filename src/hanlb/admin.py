@@ -1,0 +1,127 @@
+"""Each component's admin endpoint: HTTP on a unix socket (and optionally TCP).
+
+``GET /status`` (JSON), ``GET /routes`` (JSON, forwarders), ``GET /metrics``
+(Prometheus text). The unix socket lives at ``<run_dir>/<name>.sock``; unix
+sockets are reachable from every network namespace, which is how ``hanlb ctl``
+talks to components in the lab. ``query`` is the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["AdminServer", "CountersCollector", "query", "socket_path"]
+
+Handler = Callable[[], Any]
+
+
+def socket_path(run_dir: str, name: str) -> Path:
+    return Path(run_dir) / f"{name}.sock"
+
+
+class CountersCollector(Collector):
+    """Exposes a component's plain counter dicts as Prometheus metrics."""
+
+    def __init__(
+        self,
+        prefix: str,
+        name: str,
+        counters: Callable[[], dict[str, int]],
+        gauges: Callable[[], dict[str, float]],
+    ) -> None:
+        self.prefix, self.name, self.counters, self.gauges = prefix, name, counters, gauges
+
+    def collect(self) -> Iterator[Metric]:
+        for key, value in sorted(self.counters().items()):
+            m = CounterMetricFamily(f"{self.prefix}_{key}", key, labels=["component"])
+            m.add_metric([self.name], value)
+            yield m
+        for key, fvalue in sorted(self.gauges().items()):
+            g = GaugeMetricFamily(f"{self.prefix}_{key}", key, labels=["component"])
+            g.add_metric([self.name], fvalue)
+            yield g
+
+
+class AdminServer:
+    def __init__(self, run_dir: str, name: str, tcp: str | None = None) -> None:
+        self.path = socket_path(run_dir, name)
+        self.tcp = tcp
+        self.routes: dict[str, Handler] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._servers: list[asyncio.Server] = []
+        self.routes["/metrics"] = lambda: generate_latest(self.registry)
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._servers.append(await asyncio.start_unix_server(self._serve, path=str(self.path)))
+        if self.tcp:
+            host, _, port = self.tcp.rpartition(":")
+            self._servers.append(await asyncio.start_server(self._serve, host, int(port)))
+
+    def close(self) -> None:
+        for s in self._servers:
+            s.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            handler = self.routes.get(path)
+            if handler is None:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            else:
+                result = handler()
+                if isinstance(result, bytes):
+                    status, ctype, body = "200 OK", "text/plain; version=0.0.4", result
+                else:
+                    status, ctype = "200 OK", "application/json"
+                    body = json.dumps(result, indent=1, default=str).encode()
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+
+def query(run_dir: str, name: str, path: str, timeout: float = 5.0) -> Any:
+    """GET ``path`` from component ``name``'s unix admin socket; JSON decoded."""
+    sock_file = socket_path(run_dir, name)
+    if not os.path.exists(sock_file):
+        raise ConnectionError(f"no admin socket for {name!r} at {sock_file}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock_file))
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise ConnectionError(f"{name}: {head.splitlines()[0].decode(errors='replace')}")
+    if b"application/json" in head:
+        return json.loads(body)
+    return body.decode()

@@ -1,0 +1,247 @@
+"""The forwarder process: the core, a datapath, a classifier link, an admin socket.
+
+Frames from the datapath go to the core as they arrive; the work they cause
+(installs, transmits, messages to the classifier) is flushed once per event-loop
+pass, so a burst of misses becomes one ``ClassifyBatch`` and its routes one
+datapath install.
+
+Classifier liveness: the forwarder pings its classifier every
+``liveness_interval``; after ``liveness_misses`` intervals without a pong it
+drops the link and moves to the next classifier in its list, re-sending every
+miss it is still holding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..admin import AdminServer, CountersCollector
+from ..config import ClusterConfig
+from ..net import Link, LinkClosed, open_link
+from ..protocol.messages import Hello, Ping, Pong
+from .core import ForwarderCore, Install, InstallDrops, Remove, Transmit
+from .datapath import Datapath, MemoryDatapath
+
+__all__ = ["ForwarderService", "make_datapath"]
+
+log = logging.getLogger("hanlb.forwarder")
+
+
+def make_datapath(kind: str, interface: str, miss_device: str) -> Datapath:
+    if kind == "kernel":
+        from .kernel import KernelDatapath
+
+        return KernelDatapath(interface, miss_device)
+    if kind == "userspace":
+        from .userspace import UserspaceDatapath
+
+        return UserspaceDatapath(interface)
+    return MemoryDatapath()
+
+
+def interface_mac(interface: str) -> bytes:
+    text = Path(f"/sys/class/net/{interface}/address").read_text().strip()
+    return bytes.fromhex(text.replace(":", ""))
+
+
+class ForwarderService:
+    def __init__(self, config: ClusterConfig, name: str, datapath: Datapath | None = None) -> None:
+        self.config = config
+        self.fc = config.forwarder(name)
+        self.name = name
+        self.datapath = datapath or make_datapath(
+            self.fc.datapath, self.fc.interface, self.fc.miss_device
+        )
+        self.link: Link | None = None
+        self.classifier: str | None = None
+        self.net_counters: Counter[str] = Counter()
+        self.incarnation = int.from_bytes(os.urandom(4), "big")
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping = asyncio.Event()
+        self.core: ForwarderCore
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        t = self.config.timers
+        own_mac = (
+            interface_mac(self.fc.interface)
+            if self.fc.datapath != "memory"
+            else b"\x02\0\0\0\0\x01"
+        )
+        vips = [(a.vip, a.port) for a in self.config.applications]
+        self.core = ForwarderCore(
+            self.name,
+            own_mac,
+            vips,
+            fast_path=self.datapath.fast_path,
+            linger=t.route_linger,
+            idle_timeout=t.route_idle_timeout,
+            sweep_interval=t.sweep_interval,
+            classify_timeout=t.classify_timeout,
+            now=loop.time(),
+        )
+        admin = AdminServer(self.config.cluster.run_dir, self.name, self.fc.admin)
+        admin.routes["/status"] = self.status
+        admin.routes["/routes"] = self.core.route_rows
+        admin.registry.register(
+            CountersCollector(
+                "hanlb_forwarder",
+                self.name,
+                lambda: {**self.core.counters, **self.net_counters},
+                lambda: {"routes": len(self.core.routes), "held_flows": len(self.core.pending)},
+            )
+        )
+        self.datapath.open(self._on_frame, vips, own_mac)
+        await admin.start()
+        self._arm_timer()
+        log.info("forwarder %s up (%s datapath)", self.name, self.fc.datapath)
+        try:
+            await self._classifier_loop()
+        finally:
+            admin.close()
+            if self._timer:
+                self._timer.cancel()
+            self.datapath.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.link:
+            self.link.close()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "role": "forwarder",
+            "name": self.name,
+            "datapath": self.fc.datapath,
+            "classifier": self.classifier,
+            "routes": len(self.core.routes),
+            "held_flows": len(self.core.pending),
+            "drops": len(self.core.drops),
+            "counters": {**self.core.counters, **self.net_counters},
+        }
+
+    # -- data path -------------------------------------------------------------
+
+    def _on_frame(self, frame: bytes) -> None:
+        self.core.on_frame(frame, asyncio.get_running_loop().time())
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dp = self.datapath
+        for action in self.core.actions():
+            try:
+                if isinstance(action, Transmit):
+                    dp.transmit(action.frame)
+                elif isinstance(action, Install):
+                    dp.install(action.routes)
+                elif isinstance(action, Remove):
+                    dp.remove(action.flows)
+                elif isinstance(action, InstallDrops):
+                    dp.install_drops(action.drops)
+            except OSError as exc:
+                self.net_counters["datapath_errors"] += 1
+                log.warning("datapath %s failed: %s", type(action).__name__, exc)
+        msgs = self.core.messages()
+        if msgs and self.link is not None:
+            try:
+                self.link.send(*msgs)
+            except LinkClosed:
+                self.net_counters["messages_lost_link_down"] += len(msgs)
+        elif msgs:
+            self.net_counters["messages_lost_link_down"] += len(msgs)
+
+    def _arm_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(max(self.core.get_timer(), loop.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self.core._next_sweep:
+            counts = self.datapath.packet_counts()
+            if counts is not None:
+                self.core.on_packet_counts(counts, now)
+        self.core.handle_timer(now)
+        self._flush()
+        self._arm_timer()
+
+    # -- classifier link ---------------------------------------------------------
+
+    async def _classifier_loop(self) -> None:
+        t = self.config.timers
+        candidates = self.config.classifiers_for(self.name)
+        index = 0
+        while not self._stopping.is_set():
+            cl = candidates[index % len(candidates)]
+            host, port = cl.endpoint
+            try:
+                link = await open_link(
+                    host, port, self.config.key_bytes, self.net_counters, timeout=1.0
+                )
+            except (OSError, TimeoutError):
+                self.net_counters["classifier_connect_failures"] += 1
+                index += 1
+                await asyncio.sleep(t.reconnect_interval)
+                continue
+            loop = asyncio.get_running_loop()
+            link.send(Hello(self.name, "forwarder", self.incarnation))
+            self.link, self.classifier = link, cl.name
+            self.net_counters["classifier_connects"] += 1
+            log.info("forwarder %s: classifier %s", self.name, cl.name)
+            self.core.classifier_changed(loop.time())
+            self._schedule_flush()
+            pinger = asyncio.create_task(self._ping(link))
+            try:
+                await self._read(link)
+            except LinkClosed as exc:
+                log.warning("forwarder %s: classifier %s lost: %s", self.name, cl.name, exc)
+            finally:
+                pinger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pinger
+                link.close()
+                self.link, self.classifier = None, None
+                self.net_counters["classifier_losses"] += 1
+            index += 1
+
+    async def _read(self, link: Link) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for msg in await link.recv():
+                if isinstance(msg, Pong):
+                    self._last_pong = loop.time()
+                elif isinstance(msg, Ping):
+                    link.send(Pong(msg.seq, msg.sent))
+                else:
+                    self.core.on_message(msg, loop.time())
+            self._flush()
+
+    async def _ping(self, link: Link) -> None:
+        t = self.config.timers
+        loop = asyncio.get_running_loop()
+        self._last_pong = loop.time()
+        seq = 0
+        while True:
+            await asyncio.sleep(t.liveness_interval)
+            if loop.time() - self._last_pong > t.liveness_interval * t.liveness_misses:
+                self.net_counters["classifier_liveness_timeouts"] += 1
+                link.close()
+                return
+            seq += 1
+            try:
+                link.send(Ping(seq, loop.time()))
+            except LinkClosed:
+                return

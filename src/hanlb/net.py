@@ -1,0 +1,84 @@
+"""Thin asyncio shells around the sans-I/O message ``Connection``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+
+from .protocol.framing import ProtocolError, Rejected
+from .protocol.messages import Connection
+
+__all__ = ["Link", "LinkClosed", "open_link"]
+
+READ_SIZE = 256 * 1024
+
+
+class LinkClosed(ConnectionError):
+    """The peer closed, the transport failed, or the stream was beyond repair."""
+
+
+class Link:
+    """One framed, authenticated TCP connection.
+
+    Frames that fail authentication or decoding are dropped and counted in
+    ``counters`` (``rejected_<CODE>``); a stream that cannot be resynchronised
+    is closed and counted (``closed_<CODE>``).
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        key: bytes,
+        counters: Counter[str],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = Connection(key)
+        self.counters = counters
+        self.peer = "?"
+        peername = writer.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+
+    async def recv(self) -> list[object]:
+        while True:
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise LinkClosed("peer closed")
+            try:
+                events = self.conn.receive_data(data)
+            except ProtocolError as exc:
+                self.counters[f"closed_{exc.code.name}"] += 1
+                self.close()
+                raise LinkClosed(str(exc)) from exc
+            out = []
+            for ev in events:
+                if isinstance(ev, Rejected):
+                    self.counters[f"rejected_{ev.code.name}"] += 1
+                else:
+                    out.append(ev)
+            if out:
+                return out
+
+    def send(self, *msgs: object) -> None:
+        if self.writer.is_closing():
+            raise LinkClosed("closed")
+        self.writer.write(b"".join(self.conn.send(m) for m in msgs))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+async def open_link(
+    host: str, port: int, key: bytes, counters: Counter[str], timeout: float
+) -> Link:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        import socket
+
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Link(reader, writer, key, counters)
