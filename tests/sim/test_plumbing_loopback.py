@@ -64,7 +64,9 @@ def test_misses_are_plumbed_through_a_real_classifier(tmp_path: Path) -> None:
         await until(lambda: fw.link is not None)
         assert dp.deliver is not None
         for port in range(2000, 2200):
-            dp.deliver(tcp_frame("10.91.1.2", port, "10.93.0.1", 80, SYN, dst_mac="02:00:00:00:00:01"))
+            dp.deliver(
+                tcp_frame("10.91.1.2", port, "10.93.0.1", 80, SYN, dst_mac="02:00:00:00:00:01")
+            )
         await until(lambda: len(dp.sent) == 200)
         assert len(dp.routes) == 200
         assert sum(dp.install_batches) == 200
