@@ -91,6 +91,64 @@ class Timers(_Model):
     """Delay between attempts to reach a peer."""
 
 
+class HealthCheck(_Model):
+    """How a host agent probes one application endpoint."""
+
+    kind: Literal["http", "tcp"] = "http"
+    path: str = "/health"
+    expect_status: Annotated[int, Field(ge=100, le=599)] = 200
+    interval: Seconds = 0.2
+    timeout: Seconds = 0.5
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    """Consecutive passing probes before an endpoint counts as up."""
+    fall: Annotated[int, Field(ge=1, le=100)] = 2
+    """Consecutive failing probes before an endpoint counts as down."""
+
+
+class HealthSettings(_Model):
+    """Health and load handling (claims 6-7, 14, 27, 35-42, 67-74)."""
+
+    heartbeat_interval: Seconds = 0.2
+    heartbeat_misses: Annotated[int, Field(ge=1, le=100)] = 3
+    """Heartbeats missed before a handler marks all of a host's endpoints down."""
+    allotment_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Tokens per application in one allotment, spread over its endpoints."""
+    allotment_refresh: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """A classifier asks for a new allotment when this fraction is used."""
+    allotment_ttl: Seconds = 5.0
+    """An allotment not refreshed within this time is no longer used."""
+
+
+class TrackerSettings(_Model):
+    """The distributed session-tracking table (claims 30-32, 46, 49, 65-66)."""
+
+    replication: Annotated[int, Field(ge=1, le=5)] = 2
+    flow_ttl: Seconds = 3600.0
+    """Expiry of a transport-flow entry that is not deleted or refreshed."""
+    session_ttl: Seconds = 3600.0
+    """Expiry of a higher-level session entry (TLS session, HTTP cookie)."""
+    anti_entropy_interval: Seconds = 1.0
+
+
+class NodeConfig(_Model):
+    """A component that listens on ADDRESS:PORT (tracker node, HL handler, router)."""
+
+    name: Name
+    listen: str
+    admin: str | None = None
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _ep(cls, v: str | None) -> str | None:
+        if v is not None:
+            _endpoint(v)
+        return v
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return _endpoint(self.listen)
+
+
 class HostConfig(_Model):
     name: Name
     address: str
@@ -123,9 +181,12 @@ class Application(_Model):
     mode: Literal["l4", "http"] = "l4"
     selection: Literal["swrr"] = "swrr"
     """How a new flow's host is chosen: smooth weighted round robin."""
-    mid_flow_miss: Literal["drop", "reset"] = "drop"
+    mid_flow_miss: Literal["drop"] = "drop"
     """Answer to a packet of an unknown flow that is not a new connection (no SYN)."""
     pool: list[PoolMember] = Field(min_length=1)
+    health_check: HealthCheck = HealthCheck()
+    strategy: Literal["round-robin", "linear", "greatest"] = "round-robin"
+    """How a classifier spends health/load tokens (claims 35-42)."""
 
     _vip = field_validator("vip")(classmethod(lambda cls, v: _ipv4(v)))
 
@@ -154,6 +215,8 @@ class ForwarderConfig(_Model):
     """Preferred classifiers in order; empty means every classifier, spread by name."""
     admin: str | None = None
     """Optional ADDRESS:PORT for the admin HTTP endpoint (a unix socket is always served)."""
+    probe_port: Port = 7401
+    """UDP port where the forwarder answers the LB-aware switch's liveness probes."""
 
     _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
 
@@ -194,15 +257,20 @@ class ClusterSection(_Model):
 class ClusterConfig(_Model):
     cluster: ClusterSection
     timers: Timers = Timers()
+    health: HealthSettings = HealthSettings()
+    tracker: TrackerSettings = TrackerSettings()
     hosts: list[HostConfig] = Field(min_length=1)
     applications: list[Application] = Field(min_length=1)
     forwarders: list[ForwarderConfig] = Field(default_factory=list)
     classifiers: list[ClassifierConfig] = Field(default_factory=list)
+    trackers: list[NodeConfig] = Field(default_factory=list)
+    handlers: list[NodeConfig] = Field(default_factory=list)
+    """Health and load handlers."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> ClusterConfig:
         problems: list[tuple[str, str]] = []
-        for kind in ("hosts", "applications", "forwarders", "classifiers"):
+        for kind in ("hosts", "applications", "forwarders", "classifiers", "trackers", "handlers"):
             seen: set[str] = set()
             for i, item in enumerate(getattr(self, kind)):
                 if item.name in seen:
