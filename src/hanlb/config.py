@@ -130,6 +130,21 @@ class TrackerSettings(_Model):
     anti_entropy_interval: Seconds = 1.0
 
 
+class SwitchSettings(_Model):
+    """The LB-aware switch: ECMP over forwarders with liveness probes (claims 3, 5)."""
+
+    name: Name = "switch"
+    interface: str = "lan0"
+    """The router's interface towards the forwarders."""
+    probe_interval: Seconds = 0.05
+    probe_misses: Annotated[int, Field(ge=1, le=100)] = 3
+    """Missed probes after which a forwarder's next hop is removed."""
+    rise: Annotated[int, Field(ge=1, le=100)] = 3
+    """Answered probes in a row before a removed forwarder is restored."""
+    resilient_buckets: Annotated[int, Field(ge=0, le=65535)] = 128
+    """Buckets of the resilient next-hop group; 0 uses a plain multipath route."""
+
+
 class NodeConfig(_Model):
     """A component that listens on ADDRESS:PORT (tracker node, HL handler, router)."""
 
@@ -259,6 +274,7 @@ class ClusterConfig(_Model):
     timers: Timers = Timers()
     health: HealthSettings = HealthSettings()
     tracker: TrackerSettings = TrackerSettings()
+    switch: SwitchSettings = SwitchSettings()
     hosts: list[HostConfig] = Field(min_length=1)
     applications: list[Application] = Field(min_length=1)
     forwarders: list[ForwarderConfig] = Field(default_factory=list)
