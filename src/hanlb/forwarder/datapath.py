@@ -63,6 +63,10 @@ class Datapath(abc.ABC):
     def close(self) -> None:
         """Remove everything the datapath made (rules, devices, sockets)."""
 
+    def stats(self) -> dict[str, int]:
+        """Datapath counters for status pages (kernel: packets forwarded in-kernel)."""
+        return {}
+
 
 class MemoryDatapath(Datapath):
     """In-memory datapath: records what the core asked for."""

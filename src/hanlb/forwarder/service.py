@@ -102,10 +102,12 @@ class ForwarderService:
         self.datapath.open(self._on_frame, vips, own_mac)
         await admin.start()
         self._arm_timer()
+        counter_task = asyncio.create_task(self._read_packet_counts())
         log.info("forwarder %s up (%s datapath)", self.name, self.fc.datapath)
         try:
             await self._classifier_loop()
         finally:
+            counter_task.cancel()
             admin.close()
             if self._timer:
                 self._timer.cancel()
@@ -126,6 +128,7 @@ class ForwarderService:
             "held_flows": len(self.core.pending),
             "drops": len(self.core.drops),
             "counters": {**self.core.counters, **self.net_counters},
+            "datapath_stats": self.datapath.stats(),
         }
 
     # -- data path -------------------------------------------------------------
@@ -152,7 +155,7 @@ class ForwarderService:
                     dp.remove(action.flows)
                 elif isinstance(action, InstallDrops):
                     dp.install_drops(action.drops)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # NftError is a RuntimeError
                 self.net_counters["datapath_errors"] += 1
                 log.warning("datapath %s failed: %s", type(action).__name__, exc)
         msgs = self.core.messages()
@@ -170,13 +173,26 @@ class ForwarderService:
 
     def _on_timer(self) -> None:
         now = asyncio.get_running_loop().time()
-        if now >= self.core._next_sweep:
-            counts = self.datapath.packet_counts()
-            if counts is not None:
-                self.core.on_packet_counts(counts, now)
         self.core.handle_timer(now)
         self._flush()
         self._arm_timer()
+
+    async def _read_packet_counts(self) -> None:
+        """A fast-path datapath counts packets per route; the core needs them to
+        tell idle routes. Listing a large map takes a while, so off the loop."""
+        if not self.datapath.fast_path:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.timers.sweep_interval)
+            try:
+                counts = await asyncio.to_thread(self.datapath.packet_counts)
+            except Exception as exc:  # a failed read only delays idle detection
+                self.net_counters["packet_count_errors"] += 1
+                log.warning("reading route counters failed: %s", exc)
+                continue
+            if counts is not None:
+                self.core.on_packet_counts(counts, loop.time())
 
     # -- classifier link ---------------------------------------------------------
 
