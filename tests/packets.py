@@ -65,7 +65,9 @@ def _pseudo_header(src: bytes, dst: bytes, length: int) -> bytes:
 
 def tcp_checksum(src: str, dst: str, segment: bytes) -> int:
     """Checksum of a TCP segment whose checksum field is zero."""
-    return checksum(_pseudo_header(socket.inet_aton(src), socket.inet_aton(dst), len(segment)) + segment)
+    return checksum(
+        _pseudo_header(socket.inet_aton(src), socket.inet_aton(dst), len(segment)) + segment
+    )
 
 
 def tcp_frame(

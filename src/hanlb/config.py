@@ -55,7 +55,7 @@ class ConfigError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _ipv4(value: str) -> str:
@@ -174,6 +174,13 @@ class HostConfig(_Model):
     """ADDRESS:PORT of the host agent (health issue); optional."""
 
     _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: str | None) -> str | None:
+        if v is not None:
+            _endpoint(v)
+        return v
 
     @field_validator("mac")
     @classmethod
@@ -319,7 +326,10 @@ class ClusterConfig(_Model):
     # -- lookups ---------------------------------------------------------------
 
     def host(self, name: str) -> HostConfig:
-        return next(h for h in self.hosts if h.name == name)
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no host named {name!r}")
 
     def forwarder(self, name: str) -> ForwarderConfig:
         for f in self.forwarders:

@@ -44,6 +44,11 @@ class Link:
 
     async def recv(self) -> list[object]:
         while True:
+            if self.conn.failed is not None:
+                exc = self.conn.failed
+                self.counters[f"closed_{exc.code.name}"] += 1
+                self.close()
+                raise LinkClosed(str(exc))
             data = await self.reader.read(READ_SIZE)
             if not data:
                 raise LinkClosed("peer closed")

@@ -7,6 +7,7 @@ request router.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = [
     "RoutesRemoved",
 ]
 
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 # -- session and liveness ----------------------------------------------------
 
@@ -93,9 +96,8 @@ class Route:
     mac: str
 
     def __post_init__(self) -> None:
-        if len(self.mac) != 17 or self.mac.count(":") != 5:
+        if not _MAC.fullmatch(self.mac):
             raise ValueError(f"bad mac {self.mac!r}")
-        int(self.mac.replace(":", ""), 16)
 
 
 @record
@@ -140,7 +142,7 @@ class DropRoutes:
 @message(36)
 @dataclass(frozen=True, slots=True)
 class RoutesRemoved:
-    """Forwarder -> classifier: routes it deleted (reason: closed, idle, dropped)."""
+    """Forwarder -> classifier: routes it deleted (reason: closed, idle, deleted, dropped)."""
 
     flows: list[FlowKey]
     reason: str
@@ -177,16 +179,32 @@ class Connection:
     def __init__(self, key: bytes) -> None:
         self._key = key
         self._decoder = FrameDecoder(key)
+        self._error: ProtocolError | None = None
         self.rejected: dict[ErrorCode, int] = {}
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The stream error waiting to be raised, if any."""
+        return self._error
 
     def send(self, msg: object) -> bytes:
         return encode_frame(self._key, type_code(msg), encode_body(msg))
 
     def receive_data(self, data: bytes) -> list[Any]:
+        """Events completed by ``data``. A stream error that follows good frames
+        in the same read is raised on the next call, after they are handed out."""
+        if self._error is not None:
+            raise self._error
         self._decoder.receive_data(data)
         out: list[Any] = []
         while True:
-            frame = self._decoder.next_frame()
+            try:
+                frame = self._decoder.next_frame()
+            except ProtocolError as exc:
+                if not out:
+                    raise
+                self._error = exc
+                return out
             if frame is None:
                 return out
             if isinstance(frame, RawFrame):
