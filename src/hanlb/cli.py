@@ -18,7 +18,7 @@ from . import admin
 from .config import ClusterConfig, ConfigError, load_config
 from .lab.cli import lab
 
-ROLES = ("forwarder", "classifier")
+ROLES = ("forwarder", "classifier", "switch")
 LAB_CONFIG = "/run/hanlb/lab/cluster.toml"
 
 
@@ -54,6 +54,12 @@ def placed_here(config: ClusterConfig) -> list[tuple[str, str]]:
 
 
 def _service(config: ClusterConfig, role: str, name: str) -> Any:
+    if role == "switch":
+        from .switch.service import SwitchService
+
+        if name != config.switch.name:
+            raise KeyError(f"the switch is named {config.switch.name!r} in the config")
+        return SwitchService(config)
     if role == "forwarder":
         from .forwarder.service import ForwarderService
 

@@ -26,6 +26,7 @@ from ..net import Link, LinkClosed, open_link
 from ..protocol.messages import Hello, Ping, Pong
 from .core import ForwarderCore, Install, InstallDrops, Remove, Transmit
 from .datapath import Datapath, MemoryDatapath
+from .probe import start_probe_responder
 
 __all__ = ["ForwarderService", "make_datapath"]
 
@@ -100,6 +101,9 @@ class ForwarderService:
             )
         )
         self.datapath.open(self._on_frame, vips, own_mac)
+        probe = await start_probe_responder(
+            self.fc.address, self.fc.probe_port, self.config.key_bytes, self.net_counters
+        )
         await admin.start()
         self._arm_timer()
         counter_task = asyncio.create_task(self._read_packet_counts())
@@ -108,6 +112,7 @@ class ForwarderService:
             await self._classifier_loop()
         finally:
             counter_task.cancel()
+            probe.close()
             admin.close()
             if self._timer:
                 self._timer.cancel()
