@@ -36,7 +36,11 @@ def lab() -> None:
     help="Start forwarders and classifiers (host httpds always start).",
 )
 @click.option(
-    "--wait", "wait", default=30.0, show_default=True, type=float,
+    "--wait",
+    "wait",
+    default=30.0,
+    show_default=True,
+    type=float,
     help="Seconds to wait for the lab to be ready (0: do not wait).",
 )
 def up(
@@ -72,7 +76,7 @@ def up(
 
 @lab.command(name="down")
 def down_cmd() -> None:
-    """Stop every lab process and delete every hl-* namespace (safe to repeat)."""
+    """Stop every lab process and delete the lab namespaces (safe to repeat)."""
     try:
         down()
     except LabError as exc:
@@ -90,12 +94,11 @@ def status_cmd(as_json: bool) -> None:
         return
     if not st["up"]:
         present = ", ".join(st["namespaces_present"]) or "none"
-        click.echo(f"no lab is up (hl-* namespaces present: {present})")
+        click.echo(f"no lab is up (lab namespaces present: {present})")
         return
     sizes = st["sizes"]
     click.echo(
-        f"lab up, datapath {st['datapath']}: "
-        + ", ".join(f"{v} {k}" for k, v in sizes.items())
+        f"lab up, datapath {st['datapath']}: " + ", ".join(f"{v} {k}" for k, v in sizes.items())
     )
     for vip in st["vips"]:
         click.echo(f"  vip {vip['address']}:{vip['port']} {vip['mode']} ({vip['application']})")
@@ -135,7 +138,9 @@ def start(name: str) -> None:
 @lab.command()
 @click.option("--client", default="hl-c1", show_default=True, help="Client namespace.")
 @click.option(
-    "--mode", default="http", show_default=True,
+    "--mode",
+    default="http",
+    show_default=True,
     type=click.Choice(["http", "stream", "upload", "probe"]),
 )
 @click.option("--address", default=None, help="Target address (default the VIP).")
