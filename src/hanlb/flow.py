@@ -9,7 +9,6 @@ so the miss path can drop and count it.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -48,8 +47,20 @@ class FlowKey:
             raise ValueError(f"protocol {self.proto} is not TCP")
         if not (0 <= self.sport < 65536 and 0 < self.dport < 65536):
             raise ValueError("port out of range")
-        ipaddress.IPv4Address(self.src)
-        ipaddress.IPv4Address(self.dst)
+        for addr in (self.src, self.dst):
+            try:  # strict dotted quad: no short forms, no leading zeros
+                socket.inet_pton(socket.AF_INET, addr)
+            except (OSError, TypeError, ValueError):
+                raise ValueError(f"{addr!r} is not an IPv4 address") from None
+
+    @classmethod
+    def trusted(cls, proto: int, src: str, sport: int, dst: str, dport: int) -> FlowKey:
+        """Build without checks, for fields just read out of a parsed packet (the
+        miss path); keys from the wire go through ``__post_init__``."""
+        key = object.__new__(cls)
+        for name, value in zip(_FIELDS, (proto, src, sport, dst, dport), strict=True):
+            object.__setattr__(key, name, value)
+        return key
 
     def __str__(self) -> str:
         return f"tcp {self.src}:{self.sport} -> {self.dst}:{self.dport}"
@@ -57,6 +68,9 @@ class FlowKey:
     def nft(self) -> str:
         """The key as an nftables concatenation (saddr . sport . daddr . dport)."""
         return f"{self.src} . {self.sport} . {self.dst} . {self.dport}"
+
+
+_FIELDS = ("proto", "src", "sport", "dst", "dport")
 
 
 class BadPacket(ValueError):
@@ -97,7 +111,7 @@ def parse_frame(frame: bytes) -> Packet:
     flags = frame[t + 13]
     src = socket.inet_ntoa(frame[26:30])
     dst = socket.inet_ntoa(frame[30:34])
-    return Packet(FlowKey(TCP, src, sport, dst, dport), flags, frame)
+    return Packet(FlowKey.trusted(TCP, src, sport, dst, dport), flags, frame)
 
 
 def mac_bytes(mac: str) -> bytes:

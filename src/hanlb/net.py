@@ -49,7 +49,10 @@ class Link:
                 self.counters[f"closed_{exc.code.name}"] += 1
                 self.close()
                 raise LinkClosed(str(exc))
-            data = await self.reader.read(READ_SIZE)
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except OSError as exc:  # reset, broken pipe, timeout
+                raise LinkClosed(str(exc)) from exc
             if not data:
                 raise LinkClosed("peer closed")
             try:
@@ -70,7 +73,10 @@ class Link:
     def send(self, *msgs: object) -> None:
         if self.writer.is_closing():
             raise LinkClosed("closed")
-        self.writer.write(b"".join(self.conn.send(m) for m in msgs))
+        try:
+            self.writer.write(b"".join(self.conn.send(m) for m in msgs))
+        except OSError as exc:
+            raise LinkClosed(str(exc)) from exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
