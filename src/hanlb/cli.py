@@ -18,7 +18,7 @@ from . import admin
 from .config import ClusterConfig, ConfigError, load_config
 from .lab.cli import lab
 
-ROLES = ("forwarder", "classifier", "switch")
+ROLES = ("forwarder", "classifier", "switch", "tracker", "handler", "agent")
 LAB_CONFIG = "/run/hanlb/lab/cluster.toml"
 
 
@@ -48,8 +48,11 @@ def _local_addresses() -> set[str]:
 def placed_here(config: ClusterConfig) -> list[tuple[str, str]]:
     """Components whose configured address is on this machine."""
     local = _local_addresses()
-    found = [("classifier", c.name) for c in config.classifiers if c.endpoint[0] in local]
+    found = [("tracker", t.name) for t in config.trackers if t.endpoint[0] in local]
+    found += [("handler", h.name) for h in config.handlers if h.endpoint[0] in local]
+    found += [("classifier", c.name) for c in config.classifiers if c.endpoint[0] in local]
     found += [("forwarder", f.name) for f in config.forwarders if f.address in local]
+    found += [("agent", h.name) for h in config.hosts if h.address in local]
     return found
 
 
@@ -60,6 +63,19 @@ def _service(config: ClusterConfig, role: str, name: str) -> Any:
         if name != config.switch.name:
             raise KeyError(f"the switch is named {config.switch.name!r} in the config")
         return SwitchService(config)
+    if role == "tracker":
+        from .tracker.service import TrackerService
+
+        return TrackerService(config, name)
+    if role == "handler":
+        from .health.handler import HandlerService
+
+        return HandlerService(config, name)
+    if role == "agent":
+        from .health.agent import AgentService
+
+        config.host(name)
+        return AgentService(config, name)
     if role == "forwarder":
         from .forwarder.service import ForwarderService
 
@@ -98,7 +114,11 @@ def _run_forever(coro: Coroutine[Any, Any, Any]) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 def run(config_path: str, role: str | None, name: str | None, verbose: bool) -> None:
     """Run one component (--role and --name), or every component the config
-    places on this machine (by address)."""
+    places on this machine (by address).
+
+    Roles: forwarder, classifier, switch (the LB-aware switch, in the router),
+    tracker (a session-tracker node), handler (a health and load handler) and
+    agent (a host agent; --name is the host's name)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

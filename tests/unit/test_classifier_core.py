@@ -65,7 +65,7 @@ def test_known_flow_goes_to_the_same_host_from_any_forwarder() -> None:
     (again,) = core.classify("fw2", ClassifyBatch([miss(1000, ACK)]), now=1.0)
     assert isinstance(again, AddRoutes) and again.routes[0].host == host
     assert core.counters["replumbed_known"] == 1
-    core.routes_removed("fw1", [first.routes[0].flow])
+    core.routes_removed("fw1", [first.routes[0].flow], now=1.5)
     assert first.routes[0].flow in core.flows  # fw2 still carries it
     core.on_message("fw2", RoutesRemoved([first.routes[0].flow], "closed"), now=2.0)
     assert first.routes[0].flow not in core.flows
