@@ -87,13 +87,14 @@ def _service(config: ClusterConfig, role: str, name: str) -> Any:
     return ClassifierService(config, name)
 
 
-def _run_forever(coro: Coroutine[Any, Any, Any]) -> None:
-    try:
+def _run_forever(coro: Coroutine[Any, Any, Any], uvloop_ok: bool = True) -> None:
+    """Run until SIGTERM/SIGINT. uvloop unless ``uvloop_ok`` is False: pyroute2's
+    async netlink sockets (the switch) need the standard event loop."""
+    runner: Any = asyncio.run
+    if uvloop_ok:
         import uvloop
 
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
+        runner = uvloop.run
 
     async def main_task() -> None:
         task = asyncio.current_task()
@@ -137,7 +138,7 @@ def run(config_path: str, role: str | None, name: str | None, verbose: bool) -> 
     async def all_services() -> None:
         await asyncio.gather(*(s.run() for s in services))
 
-    _run_forever(all_services())
+    _run_forever(all_services(), uvloop_ok=all(r != "switch" for r, _ in wanted))
 
 
 def _ctl_config(config_path: str | None) -> ClusterConfig:

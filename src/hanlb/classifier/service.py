@@ -70,6 +70,8 @@ class ClassifierService:
             )
         )
         await admin.start()
+        if self.tracker is not None:
+            await self.tracker.connect()
         if self.health is not None:
             self._spawn(self.health.run())
         self._spawn(self._housekeeping())

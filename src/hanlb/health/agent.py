@@ -345,6 +345,10 @@ def load_file_env(app: str) -> str:
     return "HANLB_LOAD_FILE_" + re.sub(r"[^A-Za-z0-9]", "_", app).upper()
 
 
+LOAD_SAMPLE_INTERVAL = 1.0
+"""Seconds between two load samples of one endpoint."""
+
+
 class LoadProbe:
     """Load measures of one endpoint from ``/proc`` (of this network namespace).
 
@@ -466,6 +470,7 @@ class AgentService:
             a.name: a for a in config.applications if any(m.host == host_name for m in a.pool)
         }
         self.loads = {name: LoadProbe(name, a.port) for name, a in self.apps.items()}
+        self._next_load: dict[str, float] = {}
         self.links: dict[str, Link] = {}
         self.net_counters: Counter[str] = Counter()
         self.incarnation = int.from_bytes(os.urandom(4), "big")
@@ -546,14 +551,21 @@ class AgentService:
         else:
             result = await probe_tcp(self.probe_address, spec.port, check)
         self.last_probe[app] = result
-        try:
-            conns, cpu, app_load = await asyncio.to_thread(self.loads[app].sample, result.app_load)
-        except (OSError, ValueError) as exc:
-            self.net_counters["load_errors"] += 1
-            log.debug("agent %s: load of %s: %s", self.name, app, exc)
-            conns, cpu, app_load = 0, 0.0, result.app_load
         now = asyncio.get_running_loop().time()
-        self.core.on_load(app, conns, cpu, app_load)
+        if now >= self._next_load.get(app, 0.0):
+            # Load moves slowly and reading /proc costs: sample it at most every
+            # LOAD_SAMPLE_INTERVAL, not on every probe.
+            self._next_load[app] = now + LOAD_SAMPLE_INTERVAL
+            try:
+                conns, cpu, app_load = await asyncio.to_thread(
+                    self.loads[app].sample, result.app_load
+                )
+            except (OSError, ValueError) as exc:
+                self.net_counters["load_errors"] += 1
+                log.debug("agent %s: load of %s: %s", self.name, app, exc)
+                conns, cpu, app_load = 0, 0.0, result.app_load
+            now = asyncio.get_running_loop().time()
+            self.core.on_load(app, conns, cpu, app_load)
         self.core.on_probe(app, result.ok, now)
         for ev in self.core.events():
             log.info(

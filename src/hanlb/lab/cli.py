@@ -30,6 +30,34 @@ def lab() -> None:
     "--datapath", default="kernel", show_default=True, type=click.Choice(["kernel", "userspace"])
 )
 @click.option(
+    "--trackers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 9),
+    help="Session-tracker nodes (own namespaces).",
+)
+@click.option(
+    "--handlers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 9),
+    help="Health and load handlers; with any, every host runs a host agent.",
+)
+@click.option(
+    "--spare-hosts",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 100),
+    help="Hosts configured but in no pool (for `hanlb ctl pool add`).",
+)
+@click.option("--weights", default="", help="Pool weights, comma separated, one per host.")
+@click.option(
+    "--switch/--no-switch",
+    default=True,
+    show_default=True,
+    help="Run the LB-aware switch in the router (it owns the VIP's ECMP route).",
+)
+@click.option(
     "--components/--no-components",
     default=True,
     show_default=True,
@@ -49,10 +77,19 @@ def up(
     classifiers: int,
     hosts: int,
     datapath: str,
+    trackers: int,
+    handlers: int,
+    spare_hosts: int,
+    weights: str,
+    switch: bool,
     components: bool,
     wait: float,
 ) -> None:
     """Build the lab (tearing down any previous one) and start its processes."""
+    try:
+        parsed = tuple(int(w) for w in weights.split(",") if w.strip())
+    except ValueError:
+        raise click.BadParameter("weights are integers, comma separated") from None
     try:
         built = Lab.up(
             clients=clients,
@@ -60,6 +97,11 @@ def up(
             classifiers=classifiers,
             hosts=hosts,
             datapath="userspace" if datapath == "userspace" else "kernel",
+            trackers=trackers,
+            handlers=handlers,
+            spare_hosts=spare_hosts,
+            weights=parsed,
+            switch=switch,
             start_components=components,
         )
         if wait > 0:

@@ -59,6 +59,7 @@ __all__ = [
     "VIP",
     "Lab",
     "LabError",
+    "LabSpec",
     "Node",
     "down",
     "hanlb_command",
@@ -77,7 +78,7 @@ SOCK_DIR = LAB_DIR / "sock"
 NETNS_DIR = Path("/run/netns")
 
 NS_PREFIX = "hl-"
-LAB_NS_RE = re.compile(r"hl-(lan|router|c[0-9]+|fw[0-9]+|cl[0-9]+|h[0-9]+)")
+LAB_NS_RE = re.compile(r"hl-(lan|router|c[0-9]+|fw[0-9]+|cl[0-9]+|h[0-9]+|tr[0-9]+|hd[0-9]+)")
 LAN_NS = "hl-lan"
 ROUTER_NS = "hl-router"
 ROUTER_ADDRESS = "10.92.0.1"
@@ -85,6 +86,8 @@ ROUTER_MAC = "02:92:00:00:00:01"
 LAN_PREFIX = 24
 VIP = "10.93.0.1"
 CLASSIFIER_PORT = 7400
+TRACKER_PORT = 7500
+HANDLER_PORT = 7600
 HTTP_PORT = 80
 SINK_PORT = 5001
 APPLICATIONS: tuple[tuple[str, int, str], ...] = (
@@ -96,9 +99,11 @@ MAX_CLIENTS = 250
 MAX_FORWARDERS = 19
 MAX_CLASSIFIERS = 69
 MAX_HOSTS = 154
+MAX_TRACKERS = 9
+MAX_HANDLERS = 9
 
 Datapath = Literal["kernel", "userspace"]
-Role = Literal["router", "forwarder", "classifier", "host"]
+Role = Literal["router", "forwarder", "classifier", "host", "tracker", "handler"]
 
 
 class LabError(RuntimeError):
@@ -116,16 +121,59 @@ class Node:
     mac: str
 
 
-def plan(clients: int, forwarders: int, classifiers: int, hosts: int) -> list[Node]:
-    """The LAN nodes of a lab of these sizes (router first, then fw, cl, h)."""
-    for what, n, top in (
-        ("clients", clients, MAX_CLIENTS),
-        ("forwarders", forwarders, MAX_FORWARDERS),
-        ("classifiers", classifiers, MAX_CLASSIFIERS),
-        ("hosts", hosts, MAX_HOSTS),
-    ):
-        if not 1 <= n <= top:
-            raise LabError(f"{what} must be between 1 and {top}, not {n}")
+@dataclass(frozen=True, slots=True)
+class LabSpec:
+    """What a lab is made of.
+
+    ``hosts`` are in every application's pool (with ``weights``, default 1 each);
+    ``spare_hosts`` more are configured but in no pool, for run-time pool changes.
+    ``trackers`` session-tracker nodes and ``handlers`` health-and-load handlers get
+    their own namespaces; with handlers, every host also runs a host agent. With
+    ``switch``, the LB-aware switch runs in the router and owns the VIP's ECMP route.
+    """
+
+    clients: int = 2
+    forwarders: int = 2
+    classifiers: int = 1
+    hosts: int = 4
+    datapath: Datapath = "kernel"
+    trackers: int = 0
+    handlers: int = 0
+    spare_hosts: int = 0
+    weights: tuple[int, ...] = ()
+    switch: bool = False
+    replication: int = 2
+
+    def check(self) -> None:
+        for what, n, low, top in (
+            ("clients", self.clients, 1, MAX_CLIENTS),
+            ("forwarders", self.forwarders, 1, MAX_FORWARDERS),
+            ("classifiers", self.classifiers, 1, MAX_CLASSIFIERS),
+            ("hosts", self.hosts, 1, MAX_HOSTS - self.spare_hosts),
+            ("trackers", self.trackers, 0, MAX_TRACKERS),
+            ("handlers", self.handlers, 0, MAX_HANDLERS),
+            ("spare_hosts", self.spare_hosts, 0, MAX_HOSTS - 1),
+        ):
+            if not low <= n <= top:
+                raise LabError(f"{what} must be between {low} and {top}, not {n}")
+        if self.datapath not in ("kernel", "userspace"):
+            raise LabError(f"datapath must be kernel or userspace, not {self.datapath!r}")
+        if self.weights and len(self.weights) != self.hosts:
+            raise LabError(f"{len(self.weights)} weights for {self.hosts} hosts")
+        if self.trackers and not 1 <= self.replication <= self.trackers:
+            raise LabError(f"replication {self.replication} with {self.trackers} trackers")
+
+
+def plan(
+    clients: int,
+    forwarders: int,
+    classifiers: int,
+    hosts: int,
+    trackers: int = 0,
+    handlers: int = 0,
+) -> list[Node]:
+    """The LAN nodes of a lab of these sizes (router first, then fw, cl, h, tr, hd)."""
+    LabSpec(clients, forwarders, classifiers, hosts, trackers=trackers, handlers=handlers).check()
     nodes = [Node("router", ROUTER_NS, "router", ROUTER_ADDRESS, ROUTER_MAC)]
     for k in range(1, forwarders + 1):
         nodes.append(Node(f"fw{k}", f"hl-fw{k}", "forwarder", f"10.92.0.{10 + k}", _mac(0, 10 + k)))
@@ -135,6 +183,10 @@ def plan(clients: int, forwarders: int, classifiers: int, hosts: int) -> list[No
         )
     for k in range(1, hosts + 1):
         nodes.append(Node(f"h{k}", f"hl-h{k}", "host", f"10.92.0.{100 + k}", _mac(1, k)))
+    for k in range(1, trackers + 1):
+        nodes.append(Node(f"tr{k}", f"hl-tr{k}", "tracker", f"10.92.0.{40 + k}", _mac(0, 40 + k)))
+    for k in range(1, handlers + 1):
+        nodes.append(Node(f"hd{k}", f"hl-hd{k}", "handler", f"10.92.0.{50 + k}", _mac(0, 50 + k)))
     return nodes
 
 
@@ -300,9 +352,14 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def render_config(nodes: Sequence[Node], datapath: Datapath, key: str) -> str:
+def render_config(
+    nodes: Sequence[Node], datapath: Datapath, key: str, spec: LabSpec | None = None
+) -> str:
     """The cluster TOML of a lab (see ``hanlb.config``)."""
+    spec = spec or LabSpec(datapath=datapath)
     hosts = [n for n in nodes if n.role == "host"]
+    in_pool = hosts[: len(hosts) - spec.spare_hosts]
+    weights = spec.weights or (1,) * len(in_pool)
     lines = [
         "# Generated by `hanlb lab up`; rewritten by every `up`.",
         "[cluster]",
@@ -311,6 +368,10 @@ def render_config(nodes: Sequence[Node], datapath: Datapath, key: str) -> str:
         f"run_dir = {_toml_str(str(SOCK_DIR))}",
         "",
     ]
+    if spec.trackers:
+        lines += ["[tracker]", f"replication = {spec.replication}", ""]
+    if spec.switch:
+        lines += ["[switch]", 'name = "switch"', 'interface = "lan0"', ""]
     for h in hosts:
         lines += [
             "[[hosts]]",
@@ -319,7 +380,10 @@ def render_config(nodes: Sequence[Node], datapath: Datapath, key: str) -> str:
             f"mac = {_toml_str(h.mac)}",
             "",
         ]
-    pool = ", ".join(f"{{ host = {_toml_str(h.name)}, weight = 1 }}" for h in hosts)
+    pool = ", ".join(
+        f"{{ host = {_toml_str(h.name)}, weight = {w} }}"
+        for h, w in zip(in_pool, weights, strict=True)
+    )
     for name, port, mode in APPLICATIONS:
         lines += [
             "[[applications]]",
@@ -328,8 +392,10 @@ def render_config(nodes: Sequence[Node], datapath: Datapath, key: str) -> str:
             f"port = {port}",
             f"mode = {_toml_str(mode)}",
             f"pool = [{pool}]",
-            "",
         ]
+        if port == SINK_PORT:  # the sink speaks no HTTP: check that it accepts
+            lines += ['health_check = { kind = "tcp" }']
+        lines += [""]
     for n in nodes:
         if n.role == "forwarder":
             lines += [
@@ -340,14 +406,19 @@ def render_config(nodes: Sequence[Node], datapath: Datapath, key: str) -> str:
                 f"datapath = {_toml_str(datapath)}",
                 "",
             ]
-    for n in nodes:
-        if n.role == "classifier":
-            lines += [
-                "[[classifiers]]",
-                f"name = {_toml_str(n.name)}",
-                f"listen = {_toml_str(f'{n.address}:{CLASSIFIER_PORT}')}",
-                "",
-            ]
+    for role, section, port in (
+        ("classifier", "classifiers", CLASSIFIER_PORT),
+        ("tracker", "trackers", TRACKER_PORT),
+        ("handler", "handlers", HANDLER_PORT),
+    ):
+        for n in nodes:
+            if n.role == role:
+                lines += [
+                    f"[[{section}]]",
+                    f"name = {_toml_str(n.name)}",
+                    f"listen = {_toml_str(f'{n.address}:{port}')}",
+                    "",
+                ]
     return "\n".join(lines)
 
 
@@ -373,7 +444,8 @@ def _write_state(state: Mapping[str, Any]) -> None:
 # -- build ----------------------------------------------------------------------------
 
 
-def _build_network(clients: int, nodes: Sequence[Node], datapath: Datapath) -> None:
+def _build_network(spec: LabSpec, nodes: Sequence[Node]) -> None:
+    clients, datapath = spec.clients, spec.datapath
     client_ns = [f"hl-c{i}" for i in range(1, clients + 1)]
     all_ns = [LAN_NS, *(n.netns for n in nodes), *client_ns]
     for ns in all_ns:
@@ -447,9 +519,10 @@ def _build_network(clients: int, nodes: Sequence[Node], datapath: Datapath) -> N
             _run(["ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])
             _run(["ip", "netns", "exec", ROUTER_NS, "ethtool", "-K", f"c{i}", "tx", "off"])
 
-    # ECMP over the forwarders for the VIP.
-    hops = " ".join(f"nexthop via {n.address} dev lan0" for n in nodes if n.role == "forwarder")
-    _ip_batch(ROUTER_NS, [f"route replace {VIP}/32 {hops}"])
+    # ECMP over the forwarders for the VIP; with the switch, the switch owns the route.
+    if not spec.switch:
+        hops = " ".join(f"nexthop via {n.address} dev lan0" for n in nodes if n.role == "forwarder")
+        _ip_batch(ROUTER_NS, [f"route replace {VIP}/32 {hops}"])
 
 
 def _component(role: str, name: str, netns: str, argv: Sequence[str]) -> dict[str, Any]:
@@ -498,19 +571,24 @@ class Lab:
     # -- life cycle ---------------------------------------------------------------
 
     @classmethod
-    def up(
-        cls,
-        clients: int = 2,
-        forwarders: int = 2,
-        classifiers: int = 1,
-        hosts: int = 4,
-        datapath: Datapath = "kernel",
-        start_components: bool = True,
-    ) -> Lab:
-        """Tear down any previous lab, build a new one, start httpds (and components)."""
-        if datapath not in ("kernel", "userspace"):
-            raise LabError(f"datapath must be kernel or userspace, not {datapath!r}")
-        nodes = plan(clients, forwarders, classifiers, hosts)
+    def up(cls, start_components: bool = True, **sizes: Any) -> Lab:
+        """Tear down any previous lab, build a new one, start httpds (and components).
+
+        Keywords are the fields of :class:`LabSpec` (clients, forwarders, classifiers,
+        hosts, datapath, trackers, handlers, spare_hosts, weights, switch, replication).
+        """
+        if "weights" in sizes:
+            sizes["weights"] = tuple(sizes["weights"] or ())
+        spec = LabSpec(**sizes)
+        spec.check()
+        nodes = plan(
+            spec.clients,
+            spec.forwarders,
+            spec.classifiers,
+            spec.hosts + spec.spare_hosts,
+            spec.trackers,
+            spec.handlers,
+        )
         if os.geteuid() != 0:
             raise LabError("the lab needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)")
         for tool in ("ip", "ethtool", "sysctl"):
@@ -521,9 +599,9 @@ class Lab:
             LAB_DIR.mkdir(parents=True, exist_ok=True)
             LOG_DIR.mkdir(parents=True, exist_ok=True)
             SOCK_DIR.mkdir(parents=True, exist_ok=True)
-            _write_config(render_config(nodes, datapath, secrets.token_hex(16)))
-            _build_network(clients, nodes, datapath)
-            lab = cls(cls._initial_state(clients, nodes, datapath))
+            _write_config(render_config(nodes, spec.datapath, secrets.token_hex(16), spec))
+            _build_network(spec, nodes)
+            lab = cls(cls._initial_state(spec, nodes))
             _write_state(lab.state)
             for comp in lab.state["components"]:
                 if comp["role"] == "httpd" or start_components:
@@ -535,7 +613,8 @@ class Lab:
         return lab
 
     @staticmethod
-    def _initial_state(clients: int, nodes: Sequence[Node], datapath: Datapath) -> dict[str, Any]:
+    def _initial_state(spec: LabSpec, nodes: Sequence[Node]) -> dict[str, Any]:
+        clients, datapath = spec.clients, spec.datapath
         hanlb = hanlb_command()
         py = sys.executable
         components: list[dict[str, Any]] = []
@@ -554,23 +633,27 @@ class Lab:
                     str(SINK_PORT),
                 ]
                 components.append(_component("httpd", n.name, n.netns, argv))
-        for role in ("classifier", "forwarder"):
+
+        def run(role: str, name: str) -> list[str]:
+            return [*hanlb, "run", "--config", str(CONFIG_FILE), "--role", role, "--name", name]
+
+        # Order matters: what others connect to starts first.
+        for role in ("tracker", "handler", "classifier", "forwarder"):
             for n in nodes:
                 if n.role == role:
-                    argv = [
-                        *hanlb,
-                        "run",
-                        "--config",
-                        str(CONFIG_FILE),
-                        "--role",
-                        role,
-                        "--name",
-                        n.name,
-                    ]
-                    components.append(_component(role, n.name, n.netns, argv))
+                    components.append(_component(role, n.name, n.netns, run(role, n.name)))
+        if spec.handlers:
+            for n in nodes:
+                if n.role == "host":
+                    components.append(
+                        _component("agent", f"{n.name}-agent", n.netns, run("agent", n.name))
+                    )
+        if spec.switch:
+            components.append(_component("switch", "switch", ROUTER_NS, run("switch", "switch")))
         client_ns = [f"hl-c{i}" for i in range(1, clients + 1)]
         by_role = {
-            r: [n.netns for n in nodes if n.role == r] for r in ("forwarder", "classifier", "host")
+            r: [n.netns for n in nodes if n.role == r]
+            for r in ("forwarder", "classifier", "host", "tracker", "handler")
         }
         return {
             "version": 1,
@@ -580,6 +663,10 @@ class Lab:
                 "forwarders": len(by_role["forwarder"]),
                 "classifiers": len(by_role["classifier"]),
                 "hosts": len(by_role["host"]),
+                "spare_hosts": spec.spare_hosts,
+                "trackers": len(by_role["tracker"]),
+                "handlers": len(by_role["handler"]),
+                "switch": spec.switch,
             },
             "datapath": datapath,
             "config": str(CONFIG_FILE),
@@ -589,6 +676,8 @@ class Lab:
             "forwarders": by_role["forwarder"],
             "classifiers": by_role["classifier"],
             "hosts": by_role["host"],
+            "trackers": by_role["tracker"],
+            "handlers": by_role["handler"],
             "namespaces": [LAN_NS, *(n.netns for n in nodes), *client_ns],
             "nodes": [asdict(n) for n in nodes],
             "client_addresses": {ns: f"10.91.{i}.2" for i, ns in enumerate(client_ns, 1)},
@@ -672,20 +761,28 @@ class Lab:
         comp["pid"] = _spawn(comp["netns"], comp["argv"], Path(comp["log"]))
 
     def kill(self, name: str) -> None:
-        """SIGKILL a component (its whole process group) and wait until it is gone."""
+        """SIGKILL a component (its whole process group) and wait until it is gone.
+
+        A forwarder's kernel datapath outlives its process, so for a forwarder the
+        node is taken down too (its nftables table deleted, its LAN link down), the
+        way a machine that dies stops forwarding; ``start`` brings the link back."""
         comp = self.component(name)
         pid = comp["pid"]
-        if pid is None or not _pid_alive(pid) or not _pid_in_netns(pid, comp["netns"]):
-            return
-        _signal(pid, signal.SIGKILL)
-        if _wait_dead([pid], 5.0):
-            raise LabError(f"{name} (pid {pid}) survived SIGKILL")
+        if pid is not None and _pid_alive(pid) and _pid_in_netns(pid, comp["netns"]):
+            _signal(pid, signal.SIGKILL)
+            if _wait_dead([pid], 5.0):
+                raise LabError(f"{name} (pid {pid}) survived SIGKILL")
+        if comp["role"] == "forwarder":
+            netns_exec(comp["netns"], ["nft", "delete", "table", "netdev", "hanlb"])
+            _ip_batch(comp["netns"], ["link set lan0 down"])
 
     def start(self, name: str) -> int:
         """Start a component again with the same command; returns and records the new pid."""
         comp = self.component(name)
         if self.alive(name):
             raise LabError(f"{name} is already running (pid {comp['pid']})")
+        if comp["role"] == "forwarder":
+            _ip_batch(comp["netns"], ["link set lan0 up"])
         self._spawn(comp)
         _write_state(self.state)
         pid: int = comp["pid"]

@@ -423,6 +423,12 @@ class AsyncTrackerClient:
             if not fut.done():
                 fut.cancel()
 
+    async def connect(self) -> None:
+        """Open links to the tracker nodes now; returns once one is up (or after the
+        timeout). Operations do this themselves; a caller that wants its first
+        fire-and-forget inserts to find a link calls it first."""
+        await self._start()
+
     # -- machinery --------------------------------------------------------------------------
 
     def _now(self) -> float:
