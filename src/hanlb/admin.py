@@ -1,7 +1,9 @@
 """Each component's admin endpoint: HTTP on a unix socket (and optionally TCP).
 
 ``GET /status`` (JSON), ``GET /routes`` (JSON, forwarders), ``GET /metrics``
-(Prometheus text). The unix socket lives at ``<run_dir>/<name>.sock``; unix
+(Prometheus text), and ``POST`` actions with query parameters (``POST
+/pool?app=web&host=h5&weight=1``); an action's ``KeyError`` or ``ValueError``
+becomes a 400 with the reason. The unix socket lives at ``<run_dir>/<name>.sock``; unix
 sockets are reachable from every network namespace, which is how ``hanlb ctl``
 talks to components in the lab. ``query`` is the client side.
 """
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from prometheus_client.registry import Collector
 __all__ = ["AdminServer", "CountersCollector", "query", "socket_path"]
 
 Handler = Callable[[], Any]
+Action = Callable[[dict[str, str]], Any]
 
 
 def socket_path(run_dir: str, name: str) -> Path:
@@ -58,6 +62,7 @@ class AdminServer:
         self.path = socket_path(run_dir, name)
         self.tcp = tcp
         self.routes: dict[str, Handler] = {}
+        self.actions: dict[str, Action] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self._servers: list[asyncio.Server] = []
         self.routes["/metrics"] = lambda: generate_latest(self.registry)
@@ -83,17 +88,24 @@ class AdminServer:
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            handler = self.routes.get(path)
-            if handler is None:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            method = parts[0] if parts else ""
+            path, _, qs = (parts[1] if len(parts) >= 2 else "").partition("?")
+            status, ctype = "200 OK", "application/json"
+            result: Any
+            if method == "POST" and path in self.actions:
+                try:
+                    result = self.actions[path](dict(urllib.parse.parse_qsl(qs)))
+                except (KeyError, ValueError) as exc:
+                    status = "400 Bad Request"
+                    result = {"error": str(exc.args[0] if exc.args else exc)}
+            elif method == "GET" and path in self.routes:
+                result = self.routes[path]()
             else:
-                result = handler()
-                if isinstance(result, bytes):
-                    status, ctype, body = "200 OK", "text/plain; version=0.0.4", result
-                else:
-                    status, ctype = "200 OK", "application/json"
-                    body = json.dumps(result, indent=1, default=str).encode()
+                status, result = "404 Not Found", {"error": f"no {method} {path}"}
+            if isinstance(result, bytes):
+                ctype, body = "text/plain; version=0.0.4", result
+            else:
+                body = json.dumps(result, indent=1, default=str).encode()
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -106,22 +118,36 @@ class AdminServer:
             writer.close()
 
 
-def query(run_dir: str, name: str, path: str, timeout: float = 5.0) -> Any:
-    """GET ``path`` from component ``name``'s unix admin socket; JSON decoded."""
+def query(
+    run_dir: str,
+    name: str,
+    path: str,
+    timeout: float = 5.0,
+    *,
+    method: str = "GET",
+    params: dict[str, str] | None = None,
+) -> Any:
+    """``path`` from component ``name``'s unix admin socket; JSON decoded. A
+    non-200 answer raises ``ConnectionError`` with the component's reason."""
+    if params:
+        path = f"{path}?{urllib.parse.urlencode(params)}"
     sock_file = socket_path(run_dir, name)
     if not os.path.exists(sock_file):
         raise ConnectionError(f"no admin socket for {name!r} at {sock_file}")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(sock_file))
-        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        s.sendall(f"{method} {path} HTTP/1.0\r\n\r\n".encode())
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
     raw = b"".join(chunks)
     head, _, body = raw.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
-        raise ConnectionError(f"{name}: {head.splitlines()[0].decode(errors='replace')}")
+        reason = head.splitlines()[0].decode(errors="replace") if head else "no answer"
+        with contextlib.suppress(ValueError):
+            reason = str(json.loads(body).get("error", reason))
+        raise ConnectionError(f"{name}: {reason}")
     if b"application/json" in head:
         return json.loads(body)
     return body.decode()

@@ -188,6 +188,88 @@ def status(name: str, config_path: str | None) -> None:
     click.echo(json.dumps(_query(config, name, "/status"), indent=1))
 
 
+@ctl.group()
+def pool() -> None:
+    """Change an application's pool at run time, on every classifier and handler.
+
+    Hosts must be declared in the config's [[hosts]]. Established connections keep
+    their host; new ones follow the new pool. Edit the config too to keep the change
+    across restarts."""
+
+
+def _pool_change(config: ClusterConfig, params: dict[str, str]) -> None:
+    targets = [c.name for c in config.classifiers] + [h.name for h in config.handlers]
+    failed = False
+    for name in targets:
+        try:
+            pool = admin.query(config.cluster.run_dir, name, "/pool", method="POST", params=params)
+        except OSError as exc:
+            failed = True
+            click.echo(f"{name}: FAILED: {exc}", err=True)
+            continue
+        members = ", ".join(f"{h}:{w}" for h, w in pool.items())
+        click.echo(f"{name}: {params['app']} = [{members}]")
+    if failed:
+        raise click.ClickException("the pool change did not reach every component")
+
+
+@pool.command(name="add")
+@click.option("--app", required=True)
+@click.option("--host", required=True)
+@click.option("--weight", default=1, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def pool_add(app: str, host: str, weight: int, config_path: str | None) -> None:
+    """Add HOST to APP's pool (or change its weight)."""
+    params = {"op": "add", "app": app, "host": host, "weight": str(weight)}
+    _pool_change(_ctl_config(config_path), params)
+
+
+@pool.command(name="remove")
+@click.option("--app", required=True)
+@click.option("--host", required=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def pool_remove(app: str, host: str, config_path: str | None) -> None:
+    """Take HOST out of APP's pool: no new connections go to it."""
+    _pool_change(_ctl_config(config_path), {"op": "remove", "app": app, "host": host})
+
+
+@ctl.command()
+@click.option("--handler", "name", help="Which handler (default: the first that answers).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def hosts(name: str | None, config_path: str | None, as_json: bool) -> None:
+    """Each host's health, load and tokens, as a health and load handler sees them."""
+    config = _ctl_config(config_path)
+    names = [name] if name else [h.name for h in config.handlers]
+    if not names:
+        raise click.ClickException("the config has no health and load handlers")
+    view: Any = None
+    source = ""
+    for n in names:
+        try:
+            view, source = admin.query(config.cluster.run_dir, n, "/hosts"), n
+            break
+        except OSError as exc:
+            click.echo(f"{n}: {exc}", err=True)
+    if view is None:
+        raise click.ClickException("no handler answered")
+    if as_json:
+        click.echo(json.dumps({"handler": source, "hosts": view}, indent=1))
+        return
+    click.echo(f"from handler {source}")
+    click.echo(
+        f"{'host':<8} {'alive':<6} {'app':<8} {'up':<5} {'conns':>6} {'cpu':>5} "
+        f"{'load':>5} {'weight':>6} {'tokens':>6}"
+    )
+    for host, h in sorted(view.items()):
+        for app, e in sorted(h.get("endpoints", {}).items()):
+            click.echo(
+                f"{host:<8} {h.get('alive')!s:<6} {app:<8} {e['up']!s:<5} "
+                f"{e['active_connections']:>6} {e['cpu']:>5.2f} {e['app_load']:>5.2f} "
+                f"{e['weight']:>6} {e['tokens']:>6}"
+            )
+
+
 @ctl.command()
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:

@@ -362,6 +362,36 @@ class ClusterConfig(_Model):
         return self.cluster.key.encode()
 
 
+def pool_change(
+    pools: dict[str, dict[str, int]], params: dict[str, str], hosts: set[str]
+) -> tuple[str, dict[str, int]]:
+    """Apply a run-time pool change (``hanlb ctl pool``) to ``pools`` and return the
+    application and its new pool. ``params``: ``app``, ``host``, ``op`` (``add`` or
+    ``remove``) and, for ``add``, an optional ``weight`` (default 1). Raises
+    ``KeyError``/``ValueError`` naming what is wrong; ``pools`` is unchanged then."""
+    app, host, op = params.get("app", ""), params.get("host", ""), params.get("op", "")
+    if app not in pools:
+        raise KeyError(f"no application named {app!r}")
+    if host not in hosts:
+        raise KeyError(f"no host named {host!r} in the configuration")
+    pool = dict(pools[app])
+    if op == "add":
+        weight = int(params.get("weight", "1"))
+        if not 0 <= weight <= 1000:
+            raise ValueError(f"weight {weight} is not between 0 and 1000")
+        pool[host] = weight
+    elif op == "remove":
+        if host not in pool:
+            raise KeyError(f"{host!r} is not in the pool of {app!r}")
+        del pool[host]
+    else:
+        raise ValueError(f"op must be add or remove, not {op!r}")
+    if not any(pool.values()):
+        raise ValueError(f"the pool of {app!r} would have no host with a weight above 0")
+    pools[app] = pool
+    return app, pool
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, pool_change
 from ..flow import ACK, SYN, FlowKey
 from ..protocol.messages import (
     AddRoutes,
@@ -80,8 +80,10 @@ class ClassifierCore:
         self.use_tracker = use_tracker
         self._apps = {(a.vip, a.port): a for a in config.applications}
         self._macs = {h.name: h.mac for h in config.hosts}
+        self.pools = {a.name: {m.host: m.weight for m in a.pool} for a in config.applications}
+        """The pools in force: the configuration's, changed at run time by ``change_pool``."""
         self.selector: HostSelector = selector or StaticSelector(
-            {a.name: {m.host: m.weight for m in a.pool} for a in config.applications}
+            {app: dict(pool) for app, pool in self.pools.items()}
         )
         self.flows: dict[FlowKey, _Flow] = {}
         self.counters: Counter[str] = Counter()
@@ -201,6 +203,14 @@ class ClassifierCore:
         for flow in stale:
             del self.flows[flow]
         self.counters["flows_orphan_expired"] += len(stale)
+
+    def change_pool(self, params: dict[str, str]) -> dict[str, int]:
+        """``hanlb ctl pool add|remove``: new flows follow the new pool; established
+        flows keep their host (a removed host keeps serving them until they end)."""
+        app, pool = pool_change(self.pools, params, set(self._macs))
+        self.selector.set_pool(app, dict(pool))
+        self.counters["pool_changes"] += 1
+        return pool
 
     # -- outputs ---------------------------------------------------------------
 

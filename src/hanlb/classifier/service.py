@@ -61,6 +61,7 @@ class ClassifierService:
     async def run(self) -> None:
         admin = AdminServer(self.config.cluster.run_dir, self.name, self.cc.admin)
         admin.routes["/status"] = self.status
+        admin.actions["/pool"] = self.core.change_pool
         admin.registry.register(
             CountersCollector(
                 "hanlb_classifier",
@@ -96,6 +97,7 @@ class ClassifierService:
             "forwarders": sorted(self.forwarders),
             "flows": len(self.core.flows),
             "placed": dict(self.core.placed),
+            "pools": self.core.pools,
             "tracker": self.tracker is not None,
             "health": self.health is not None,
             "counters": self.counters(),

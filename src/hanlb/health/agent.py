@@ -149,15 +149,16 @@ class AgentCore:
 
     @classmethod
     def from_config(cls, config: ClusterConfig, host: str, now: float) -> AgentCore:
-        """An agent for every application whose pool names ``host``."""
+        """An agent probing every application on ``host``: hosts are authoritative
+        for their endpoints' health whether or not a pool names them now, so a
+        host added to a pool at run time is judged at once. The weight is the
+        configured one (0 where no pool names the host); handlers weigh tokens by
+        the pools they hold, which ``hanlb ctl pool`` changes."""
         specs = []
         for app in config.applications:
-            for member in app.pool:
-                if member.host == host:
-                    hc = app.health_check
-                    specs.append(
-                        EndpointSpec(app.name, member.weight, hc.interval, hc.rise, hc.fall)
-                    )
+            weight = next((m.weight for m in app.pool if m.host == host), 0)
+            hc = app.health_check
+            specs.append(EndpointSpec(app.name, weight, hc.interval, hc.rise, hc.fall))
         return cls(host, specs, config.health.heartbeat_interval, now)
 
     # -- inputs ----------------------------------------------------------------------

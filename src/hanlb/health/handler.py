@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..admin import AdminServer, CountersCollector
-from ..config import ClusterConfig, HealthSettings
+from ..config import ClusterConfig, HealthSettings, pool_change
 from ..net import Link, LinkClosed
 from ..protocol.messages import Hello, Ping, Pong
 from .messages import (
@@ -288,16 +288,28 @@ class HandlerCore:
         return row is not None and row.up
 
     def candidates(self, app: str) -> list[Candidate]:
+        """The pool's endpoints with the weight of the pool this handler holds (the
+        configuration, changed at run time by ``set_pool``) and the host's health
+        and load."""
         out = []
-        for host in self.pools[app]:
+        for host, weight in self.pools[app].items():
             row = self.hosts[host].table.row(app)
             if row is None:
                 out.append(Candidate(host, 0, False))
             else:
-                out.append(
-                    Candidate(host, row.weight, self.is_up(app, host), row.cpu, row.app_load)
-                )
+                out.append(Candidate(host, weight, self.is_up(app, host), row.cpu, row.app_load))
         return out
+
+    def set_pool(self, app: str, weights: dict[str, int], now: float) -> None:
+        """Replace ``app``'s pool (host -> weight) and push new allotments."""
+        if app not in self.pools:
+            raise KeyError(f"no application named {app!r}")
+        self.pools[app] = dict(weights)
+        for host in weights:
+            self.hosts.setdefault(host, _Host())
+        self.counters["pool_changes"] += 1
+        self._health[app] = ()
+        self._refresh(now)
 
     def tokens(self, app: str) -> dict[str, int]:
         """The allotment the cache gives ``app`` now (host -> tokens)."""
@@ -472,6 +484,7 @@ class HandlerService:
         admin = AdminServer(self.config.cluster.run_dir, self.name, self.node.admin)
         admin.routes["/status"] = self.status
         admin.routes["/hosts"] = lambda: self.core.hosts_view(loop.time())
+        admin.actions["/pool"] = self.change_pool
         admin.registry.register(
             CountersCollector(
                 "hanlb_handler",
@@ -509,6 +522,15 @@ class HandlerService:
             "subscribers": {p: sorted(a) for p, a in self.core.subscribers.items()},
             "counters": {**self.core.counters, **self.net_counters},
         }
+
+    def change_pool(self, params: dict[str, str]) -> dict[str, int]:
+        """``hanlb ctl pool add|remove``: new allotments follow the new pool."""
+        pools = {app: dict(pool) for app, pool in self.core.pools.items()}
+        app, pool = pool_change(pools, params, {h.name for h in self.config.hosts})
+        self.core.set_pool(app, pool, asyncio.get_running_loop().time())
+        self._flush()
+        self._arm()
+        return pool
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,665 @@
+"""The request router's data path: one ``ClientConnection`` per client connection.
+
+Every request on a client connection is routed on its own (claim 50): rules
+give its application, session affinity (cookie, application cookie, TLS
+session) or the ``HostSelector`` gives its host, and it goes out on one of that
+host's pooled, pre-established connections (claims 51-53, 55), modified on
+the way (claim 54): hop-by-hop headers removed, ``X-Forwarded-For`` appended,
+``X-Forwarded-Proto`` set, ``X-Request-Id`` added unless present, the
+application's header rules applied.
+
+Bodies stream both ways with bounded buffers: the client is read only as fast
+as the backend takes the request body, and the backend only as fast as the
+client takes the response. The request body is uploaded while the response is
+read (a backend may answer early, or stream its answer while reading).
+
+Failures: a connect that fails is tried on another host (nothing was sent);
+a request whose backend connection dies before any response byte is retried
+once on another host if it is idempotent and had no body; otherwise 502. No
+host: 503. No response head within ``backend_response_timeout``: 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+
+from ..classifier.selection import HostSelector
+from ..config import Application, ClusterConfig
+from ..health.tokens import TokenSelector
+from .affinity import AffinityTable
+from .config import HeaderRule, RouterSettings
+from .http import (
+    END,
+    LAST_CHUNK,
+    BackendProtocolError,
+    End,
+    HttpError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    error_response,
+    hop_by_hop_names,
+    render_head,
+)
+from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool
+
+__all__ = ["IDEMPOTENT", "ClientConnection", "Router"]
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+HIGH_WATER = 256 * 1024
+_AFFINITY_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_FORWARD_DROP = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"content-length"}
+)
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection or it failed."""
+
+
+class ClientTimeout(Exception):
+    """The client sent nothing for too long."""
+
+
+class BackendFailed(Exception):
+    """The backend connection failed; ``before_response``: no response byte had come."""
+
+    def __init__(self, detail: str, before_response: bool, timeout: bool = False) -> None:
+        super().__init__(detail)
+        self.before_response = before_response
+        self.timeout = timeout
+
+
+@dataclass(slots=True)
+class _Choice:
+    pool: HostPool
+    cookie: str | None = None
+    """A valid affinity cookie id the client sent that maps to this host."""
+
+
+class Router:
+    """What all client connections of one router instance share."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        settings: RouterSettings,
+        *,
+        selector: HostSelector,
+        affinity: AffinityTable,
+        counters: Counter[str],
+        tls: bool = False,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.selector = selector
+        self.affinity = affinity
+        self.counters = counters
+        self.tls = tls
+        self.proto = b"https" if tls else b"http"
+        self.apps: dict[str, Application] = {a.name: a for a in config.applications}
+        self.default_app = settings.default_app or config.applications[0].name
+        self.pools: dict[tuple[str, int], HostPool] = {}
+        self.app_pools: dict[str, dict[str, HostPool]] = {}
+        for app in config.applications:
+            port = settings.backend_ports.get(app.name, app.port)
+            by_host: dict[str, HostPool] = {}
+            for m in app.pool:
+                if m.weight <= 0:
+                    continue
+                key = (m.host, port)
+                pool = self.pools.get(key)
+                if pool is None:
+                    pool = self.pools[key] = HostPool(
+                        m.host,
+                        config.host(m.host).address,
+                        port,
+                        min_idle=settings.pool_min_idle,
+                        max_idle=settings.pool_max_idle,
+                        connect_timeout=settings.backend_connect_timeout,
+                        down_for=settings.host_down_for,
+                        counters=counters,
+                    )
+                by_host[m.host] = pool
+            self.app_pools[app.name] = by_host
+        self.header_rules: dict[str, list[HeaderRule]] = {
+            a: [r for r in settings.header_rules if r.app in ("*", a)] for a in self.apps
+        }
+        self._rid_prefix = secrets.token_hex(6)
+        self._rid = itertools.count(1)
+        self.connections: set[ClientConnection] = set()
+
+    # -- routing -----------------------------------------------------------------------
+
+    def route(self, head: RequestHead) -> str:
+        for rule in self.settings.rules:
+            if rule.matches(head.host, head.path):
+                return rule.app
+        return self.default_app
+
+    def alive(self, app: str, host: str, now: float) -> bool:
+        pool = self.app_pools[app].get(host)
+        if pool is None or not pool.up(now):
+            return False
+        if isinstance(self.selector, TokenSelector):
+            st = self.selector.apps.get(app)
+            latest = st.latest if st is not None else None
+            if latest is not None and latest.expires > now and host not in latest.healthy:
+                return False
+        return True
+
+    def pick(self, app: str, now: float, exclude: set[str]) -> HostPool | None:
+        pools = self.app_pools[app]
+        for _ in range(2 * len(pools) + 1):
+            host = self.selector.choose(app, now)
+            if host is None:
+                break
+            if host not in exclude and host in pools and self.alive(app, host, now):
+                return pools[host]
+        for host, pool in pools.items():  # the selector keeps naming dead hosts
+            if host not in exclude and self.alive(app, host, now):
+                self.counters["selector_overridden"] += 1
+                return pool
+        return None
+
+    def request_id(self) -> bytes:
+        return f"{self._rid_prefix}-{next(self._rid):x}".encode()
+
+
+def _cookies(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k.lower() != b"cookie":
+            continue
+        for part in v.decode("latin-1").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name not in out:
+                out[name] = value.strip().strip('"')
+    return out
+
+
+class ClientConnection:
+    """Serves the requests of one client connection, one after another."""
+
+    def __init__(
+        self,
+        router: Router,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.router = router
+        self.settings = router.settings
+        self.counters = router.counters
+        self.reader = reader
+        self.writer = writer
+        s = self.settings
+        self.parser = RequestReader(
+            max_header_bytes=s.max_header_bytes,
+            max_headers=s.max_headers,
+            max_body_bytes=s.max_body_bytes,
+        )
+        peer = writer.get_extra_info("peername")
+        self.client_ip = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
+        self.eof = False
+        self.tls_key: str | None = None
+        self.tls_recorded = False
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None and s.tls_session_affinity:
+            session = getattr(ssl_object, "session", None)
+            sid = getattr(session, "id", b"") if session is not None else b""
+            if sid:
+                self.tls_key = router.affinity.key("tls-session", sid.hex())
+        self.response_started = False
+
+    # -- the connection's life ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        self.router.connections.add(self)
+        self.counters["client_connections"] += 1
+        try:
+            while True:
+                try:
+                    head = await self._read_head()
+                except HttpError as err:
+                    self.counters[f"client_errors_{err.status}"] += 1
+                    self.writer.write(error_response(err.status, err.reason))
+                    break
+                except ClientTimeout:
+                    if self.parser.in_message:
+                        self.counters["client_errors_408"] += 1
+                        self.writer.write(error_response(408))
+                    else:
+                        self.counters["client_idle_closes"] += 1
+                    break
+                if head is None:
+                    break
+                if not await self._handle(head):
+                    break
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.writer.drain()
+        except (ClientGone, ConnectionError, OSError):
+            self.counters["client_connections_lost"] += 1
+        finally:
+            self.router.connections.discard(self)
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    # -- reading the client ---------------------------------------------------------------
+
+    async def _client_event(self, timeout: float) -> RequestHead | bytes | End:
+        events = self.parser.events
+        while not events:
+            if self.eof:
+                raise ClientGone("client closed")
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                raise ClientTimeout() from None
+            if data:
+                self.parser.feed(data)
+            else:
+                self.eof = True
+                self.parser.feed_eof()
+        ev = events.popleft()
+        if isinstance(ev, HttpError):
+            raise ev
+        return ev
+
+    async def _read_head(self) -> RequestHead | None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            if self.parser.events:
+                ev = await self._client_event(1.0)
+                if isinstance(ev, RequestHead):
+                    return ev
+                raise HttpError(400, "unexpected body")  # cannot happen: bodies are consumed
+            if self.parser.in_message and deadline is None:
+                deadline = loop.time() + s.client_header_timeout
+            timeout = s.client_idle_timeout if deadline is None else deadline - loop.time()
+            if timeout <= 0:
+                raise ClientTimeout()
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                raise ClientTimeout() from None
+            except (ConnectionError, OSError):
+                return None
+            if not data:
+                self.eof = True
+                self.parser.feed_eof()
+                if not self.parser.events:
+                    return None
+            else:
+                self.parser.feed(data)
+
+    async def _skip_body(self) -> bool:
+        """Read and drop the rest of a request body; False if the connection cannot go on."""
+        try:
+            while not isinstance(await self._client_event(self.settings.client_idle_timeout), End):
+                pass
+        except (HttpError, ClientGone, ClientTimeout, ConnectionError, OSError):
+            return False
+        return True
+
+    # -- one request -------------------------------------------------------------------------
+
+    async def _answer(self, head: RequestHead, status: int, detail: str = "") -> bool:
+        """Answer a request ourselves; True if the connection goes on."""
+        self.counters[f"responses_{status}"] += 1
+        keep = head.keep_alive and not head.has_body
+        self.writer.write(error_response(status, detail, close=not keep))
+        return keep
+
+    async def _handle(self, head: RequestHead) -> bool:
+        router = self.router
+        loop = asyncio.get_running_loop()
+        self.counters["requests"] += 1
+        app = router.route(head)
+        choice = await self._affinity(head, app, loop.time())
+        tried: set[str] = set()
+        sent_once = False
+        continued = False
+        self.response_started = False
+        while True:
+            now = loop.time()
+            if choice is not None:
+                pool: HostPool | None = choice.pool
+                cookie = choice.cookie
+                choice = None
+            else:
+                pool = router.pick(app, now, tried)
+                cookie = None
+            if pool is None:
+                self.counters["no_host"] += 1
+                return await self._answer(head, 503, "no host available")
+            tried.add(pool.host)
+            try:
+                conn = await pool.acquire()
+            except ConnectFailed:
+                self.counters["backend_connect_retries"] += 1
+                continue
+            if head.expect_continue and head.has_body and not continued:
+                continued = True
+                self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                return await self._exchange(head, app, pool, conn, cookie)
+            except BackendFailed as exc:
+                pool.release(conn, False)
+                if exc.timeout:
+                    self.counters["backend_timeouts"] += 1
+                    return await self._answer(head, 504, "backend response timeout")
+                self.counters["backend_failures"] += 1
+                if self.response_started:
+                    return False
+                if (
+                    exc.before_response
+                    and not sent_once
+                    and head.method in IDEMPOTENT
+                    and not head.has_body
+                ):
+                    sent_once = True
+                    self.counters["retries"] += 1
+                    continue
+                return await self._answer(head, 502, "backend failed")
+            except _ClientAbort as abort:
+                pool.release(conn, False)
+                err = abort.error
+                if isinstance(err, HttpError) and not self.response_started:
+                    self.counters[f"client_errors_{err.status}"] += 1
+                    self.writer.write(error_response(err.status, err.reason))
+                elif isinstance(err, ClientTimeout) and not self.response_started:
+                    self.counters["client_errors_408"] += 1
+                    self.writer.write(error_response(408))
+                return False
+
+    async def _affinity(self, head: RequestHead, app: str, now: float) -> _Choice | None:
+        s = self.settings
+        router = self.router
+        if not s.affinity:
+            return None
+        aff = router.affinity
+        cookies = _cookies(head.headers)
+        value = cookies.get(s.affinity_cookie)
+        if value is not None and _AFFINITY_ID.match(value):
+            host = await aff.lookup(aff.key("http-cookie", value))
+            if host is not None and router.alive(app, host, now):
+                self.counters["affinity_kept"] += 1
+                return _Choice(router.app_pools[app][host], value)
+            self.counters["affinity_reset"] += 1
+        if s.app_cookie is not None and (app_value := cookies.get(s.app_cookie)):
+            key = _app_cookie_key(s.app_cookie, app_value)
+            host = await aff.lookup(key) if key is not None else None
+            if host is not None and router.alive(app, host, now):
+                self.counters["affinity_app_cookie"] += 1
+                return _Choice(router.app_pools[app][host])
+        if self.tls_key is not None:
+            host = await aff.lookup(self.tls_key)
+            if host is not None and router.alive(app, host, now):
+                self.counters["affinity_tls_session"] += 1
+                return _Choice(router.app_pools[app][host])
+        return None
+
+    def _request_bytes(self, head: RequestHead, app: str) -> bytes:
+        router = self.router
+        drop = hop_by_hop_names(head.headers)
+        drop |= _FORWARD_DROP
+        rules = router.header_rules[app]
+        for r in rules:
+            drop.update(n.lower().encode() for n in r.request_remove)
+            drop.update(n.lower().encode() for n in r.request_set)
+        xff: list[bytes] = []
+        has_rid = False
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in head.headers:
+            lk = k.lower()
+            if lk == b"x-forwarded-for":
+                xff.append(v.strip())
+            elif lk == b"x-request-id":
+                has_rid = True
+            if lk not in drop:
+                out.append((k, v))
+        xff.append(self.client_ip)
+        out.append((b"X-Forwarded-For", b", ".join(x for x in xff if x)))
+        out.append((b"X-Forwarded-Proto", router.proto))
+        if not has_rid:
+            out.append((b"X-Request-Id", router.request_id()))
+        for r in rules:
+            out.extend((n.encode(), v.encode()) for n, v in r.request_set.items())
+        if head.framing == "chunked":
+            out.append((b"Transfer-Encoding", b"chunked"))
+        elif head.framing == "length":
+            out.append((b"Content-Length", str(head.length).encode()))
+        line = b"%b %b HTTP/1.1" % (head.method.encode(), head.target)
+        return render_head(line, out)
+
+    async def _exchange(
+        self,
+        head: RequestHead,
+        app: str,
+        pool: HostPool,
+        conn: BackendConn,
+        cookie: str | None,
+    ) -> bool:
+        s = self.settings
+        if conn.parser is None:
+            conn.parser = ResponseReader()
+        rparser = conn.parser
+        rparser.start(head.method)
+        rparser.bytes_seen = 0
+        upload: asyncio.Task[None] | None = None
+        try:
+            conn.writer.write(self._request_bytes(head, app))
+        except (ConnectionError, OSError) as exc:
+            raise BackendFailed(str(exc), True) from exc
+        if head.has_body:
+            upload = asyncio.create_task(self._upload(conn, head.framing == "chunked"))
+        try:
+            return await self._respond(head, app, pool, conn, rparser, upload, cookie)
+        finally:
+            if upload is not None and not upload.done():
+                upload.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await upload
+
+    async def _backend_event(
+        self, conn: BackendConn, rparser: ResponseReader, upload: asyncio.Task[None] | None
+    ) -> ResponseHead | bytes | End:
+        events = rparser.events
+        while not events:
+            try:
+                async with asyncio.timeout(self.settings.backend_response_timeout):
+                    data = await conn.reader.read(READ_SIZE)
+            except TimeoutError:
+                self._check_upload(upload)
+                raise BackendFailed("timeout", rparser.bytes_seen == 0, timeout=True) from None
+            except (ConnectionError, OSError) as exc:
+                self._check_upload(upload)
+                raise BackendFailed(str(exc), rparser.bytes_seen == 0) from exc
+            try:
+                if data:
+                    rparser.feed(data)
+                else:
+                    rparser.feed_eof()
+            except BackendProtocolError as exc:
+                self._check_upload(upload)
+                raise BackendFailed(str(exc), rparser.bytes_seen == 0) from exc
+        return events.popleft()
+
+    def _check_upload(self, upload: asyncio.Task[None] | None) -> None:
+        """A backend failure caused by the client's body: report the client's error."""
+        if upload is not None and upload.done() and not upload.cancelled():
+            exc = upload.exception()
+            if isinstance(exc, _ClientAbort):
+                raise exc
+
+    async def _upload(self, conn: BackendConn, chunked: bool) -> None:
+        timeout = self.settings.client_idle_timeout
+        writer = conn.writer
+        try:
+            while True:
+                ev = await self._client_event(timeout)
+                if isinstance(ev, End):
+                    if chunked:
+                        writer.write(LAST_CHUNK)
+                    return
+                if not isinstance(ev, bytes) or not ev:
+                    continue
+                writer.write(chunk(ev) if chunked else ev)
+                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                    await writer.drain()
+        except (HttpError, ClientTimeout, ClientGone) as exc:
+            conn.close()
+            raise _ClientAbort(exc) from exc
+        except (ConnectionError, OSError):
+            return  # the backend went away: the response side reports it
+
+    async def _respond(
+        self,
+        head: RequestHead,
+        app: str,
+        pool: HostPool,
+        conn: BackendConn,
+        rparser: ResponseReader,
+        upload: asyncio.Task[None] | None,
+        cookie: str | None,
+    ) -> bool:
+        ev = await self._backend_event(conn, rparser, upload)
+        if not isinstance(ev, ResponseHead):
+            raise BackendFailed("no response head", False)
+        rhead = ev
+        client_keep = head.keep_alive
+        chunked_out = False
+        out_headers: list[tuple[bytes, bytes]] = []
+        drop = hop_by_hop_names(rhead.headers)
+        rules = self.router.header_rules[app]
+        for r in rules:
+            drop.update(n.lower().encode() for n in r.response_remove)
+            drop.update(n.lower().encode() for n in r.response_set)
+        s = self.settings
+        app_cookie = s.app_cookie.encode() if s.app_cookie is not None else None
+        for k, v in rhead.headers:
+            lk = k.lower()
+            if lk in drop:
+                continue
+            if rhead.framing in ("chunked", "close") and lk == b"content-length":
+                continue
+            if app_cookie is not None and lk == b"set-cookie":
+                self._note_app_cookie(app_cookie, v, pool.host)
+            out_headers.append((k, v))
+        for r in rules:
+            out_headers.extend((n.encode(), v.encode()) for n, v in r.response_set.items())
+        if rhead.framing in ("chunked", "close"):
+            if head.version == "1.1":
+                chunked_out = True
+                out_headers.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                client_keep = False
+        if s.affinity and cookie is None:
+            new_id = secrets.token_urlsafe(18)
+            self.router.affinity.record(self.router.affinity.key("http-cookie", new_id), pool.host)
+            attrs = "; Path=/; HttpOnly"
+            if self.router.tls:
+                attrs += "; Secure"
+            if s.affinity_max_age is not None:
+                attrs += f"; Max-Age={s.affinity_max_age}"
+            out_headers.append((b"Set-Cookie", f"{s.affinity_cookie}={new_id}{attrs}".encode()))
+        if self.tls_key is not None and not self.tls_recorded:
+            self.tls_recorded = True
+            self.router.affinity.record(self.tls_key, pool.host)
+        if upload is not None and not upload.done():
+            # Responding before the whole body arrived: the rest of it cannot be
+            # told from a next request unless we read it, so close after.
+            client_keep = False
+        if not client_keep:
+            out_headers.append((b"Connection", b"close"))
+        elif head.version == "1.0":
+            out_headers.append((b"Connection", b"keep-alive"))
+        status_line = b"HTTP/1.1 %d %b" % (rhead.status, rhead.reason or b"-")
+        buf = [render_head(status_line, out_headers)]
+        self.counters[f"responses_{rhead.status // 100}xx"] += 1
+        self.response_started = True
+        writer = self.writer
+        events = rparser.events
+        while True:
+            while events:
+                ev = events.popleft()
+                if isinstance(ev, End):
+                    if chunked_out:
+                        buf.append(LAST_CHUNK)
+                    writer.write(b"".join(buf))
+                    return await self._finish(head, pool, conn, rparser, upload, client_keep)
+                if isinstance(ev, bytes) and ev:
+                    buf.append(chunk(ev) if chunked_out else ev)
+            if buf:
+                writer.write(b"".join(buf))
+                buf = []
+                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                    await writer.drain()
+            ev = await self._backend_event(conn, rparser, upload)
+            events.appendleft(ev)
+
+    async def _finish(
+        self,
+        head: RequestHead,
+        pool: HostPool,
+        conn: BackendConn,
+        rparser: ResponseReader,
+        upload: asyncio.Task[None] | None,
+        client_keep: bool,
+    ) -> bool:
+        reusable = rparser.reusable
+        if upload is not None:
+            if upload.done():
+                exc = upload.exception() if not upload.cancelled() else None
+                if exc is not None:
+                    reusable = client_keep = False
+            else:
+                upload.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await upload
+                reusable = client_keep = False
+        pool.release(conn, reusable)
+        if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+            await self.writer.drain()
+        return client_keep
+
+    def _note_app_cookie(self, name: bytes, set_cookie: bytes, host: str) -> None:
+        first = set_cookie.split(b";", 1)[0]
+        cname, sep, value = first.partition(b"=")
+        if sep and cname.strip() == name and value.strip():
+            key = _app_cookie_key(name.decode("latin-1"), value.strip().decode("latin-1"))
+            if key is not None:
+                self.router.affinity.record(key, host)
+
+
+class _ClientAbort(Exception):
+    """The client broke off while its request body was being uploaded."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _app_cookie_key(name: str, value: str) -> str | None:
+    if not value or len(value) > 256 or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value):
+        return None
+    return f"s|http-cookie|{name}={value}" if len(name) + len(value) < 400 else None
+
+
+_ = os  # re-exported for tests that seed the id generator deterministically
