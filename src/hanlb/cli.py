@@ -271,6 +271,44 @@ def hosts(name: str | None, config_path: str | None, as_json: bool) -> None:
 
 
 @ctl.command()
+@click.option("--host", "host", help="Only entries placed on this host.")
+@click.option("--forwarder", "forwarder", help="Only flows carried by this forwarder.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def sessions(
+    host: str | None, forwarder: str | None, config_path: str | None, as_json: bool
+) -> None:
+    """Entries of the session-tracking table (a bulk query to the tracker nodes).
+
+    Runs where the tracker nodes are reachable (in the lab: `ip netns exec hl-cl1`)."""
+    config = _ctl_config(config_path)
+    if not config.trackers:
+        raise click.ClickException("the config has no session trackers")
+    by, value = ("host", host) if host else ("forwarder", forwarder) if forwarder else ("all", "")
+
+    async def bulk() -> tuple[list[Any], bool]:
+        from .tracker.client import AsyncTrackerClient
+
+        client = AsyncTrackerClient(config, name="ctl")
+        try:
+            done = await client.bulk(by, value or "")
+            return done.entries, done.complete
+        finally:
+            client.close()
+
+    entries, complete = asyncio.run(bulk())
+    rows = [e.to_json() for e in entries]
+    if as_json:
+        click.echo(json.dumps({"complete": complete, "entries": rows}, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['key']:<48} {r['host']:<8} {r['forwarder']:<8} {r['version']}")
+    click.echo(
+        f"{len(rows)} entries" + ("" if complete else " (INCOMPLETE: a node did not answer)")
+    )
+
+
+@ctl.command()
 @click.argument("config_path", type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:
     """Validate a config file; every error names its field."""

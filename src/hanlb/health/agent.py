@@ -467,9 +467,7 @@ class AgentService:
         self.host = config.host(host_name)
         self.name = host_name
         self.probe_address = probe_address or self.host.address
-        self.apps = {
-            a.name: a for a in config.applications if any(m.host == host_name for m in a.pool)
-        }
+        self.apps = {a.name: a for a in config.applications}  # as AgentCore.from_config
         self.loads = {name: LoadProbe(name, a.port) for name, a in self.apps.items()}
         self._next_load: dict[str, float] = {}
         self.links: dict[str, Link] = {}

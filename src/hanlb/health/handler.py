@@ -445,7 +445,7 @@ class HandlerCore:
                     "active_connections": row.active_connections if row else None,
                     "cpu": row.cpu if row else None,
                     "app_load": row.app_load if row else None,
-                    "weight": row.weight if row else None,
+                    "weight": pool[name],
                     "tokens": tokens[app][name],
                 }
             out[name] = {

@@ -405,10 +405,14 @@ class AsyncTrackerClient:
         return (await self.query([flow_key(flow)])).get(flow_key(flow))
 
     async def bulk_query(self, by: str, value: str = "") -> list[Entry]:
+        return (await self.bulk(by, value)).entries
+
+    async def bulk(self, by: str, value: str = "") -> BulkDone:
+        """Like ``bulk_query``, with whether every node answered (``complete``)."""
         await self._start()
         ev = await self._run(self.core.bulk_query(by, value, now=self._now()))
         assert isinstance(ev, BulkDone)
-        return ev.entries
+        return ev
 
     def close(self) -> None:
         self._closed = True
