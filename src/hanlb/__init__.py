@@ -1,2 +1,3 @@
 """hanlb: highly available network load balancer."""
+
 __version__ = "0.1.0"

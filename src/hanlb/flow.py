@@ -82,6 +82,8 @@ class Packet:
     flow: FlowKey
     flags: int
     frame: bytes
+    seq: int = 0
+    """The TCP sequence number."""
 
 
 _ETH = struct.Struct("!6s6sH")
@@ -109,9 +111,10 @@ def parse_frame(frame: bytes) -> Packet:
     if dport == 0:
         raise BadPacket("port 0")
     flags = frame[t + 13]
+    seq = struct.unpack_from("!I", frame, t + 4)[0]
     src = socket.inet_ntoa(frame[26:30])
     dst = socket.inet_ntoa(frame[30:34])
-    return Packet(FlowKey.trusted(TCP, src, sport, dst, dport), flags, frame)
+    return Packet(FlowKey.trusted(TCP, src, sport, dst, dport), flags, frame, seq)
 
 
 def mac_bytes(mac: str) -> bytes:

@@ -83,3 +83,23 @@ def test_unknown_application_gets_a_drop_route() -> None:
     (reply,) = core.classify("fw1", ClassifyBatch([miss(5, SYN, dport=81)]), now=0.0)
     assert isinstance(reply, DropRoutes)
     assert core.counters["no_application"] == 1
+
+
+def test_a_reused_flow_is_placed_anew_but_a_retransmitted_syn_is_not() -> None:
+    from tests.packets import tcp_frame
+
+    core = ClassifierCore(parse_config(config()))
+
+    def syn(seq: int) -> Miss:
+        frame = tcp_frame("10.91.1.2", 7000, "10.93.0.1", 80, SYN, seq=seq)
+        return Miss(FlowKey(6, "10.91.1.2", 7000, "10.93.0.1", 80), SYN, frame[14:142])
+
+    (first,) = core.classify("fw1", ClassifyBatch([syn(1)]), now=0.0)
+    assert isinstance(first, AddRoutes)
+    # the same SYN through another forwarder (ECMP moved it): same host
+    (again,) = core.classify("fw2", ClassifyBatch([syn(1)]), now=0.5)
+    assert isinstance(again, AddRoutes) and again.routes[0].host == first.routes[0].host
+    # a new connection on the same ports: placed by the selector (the next host)
+    (fresh,) = core.classify("fw2", ClassifyBatch([syn(5000)]), now=1.0)
+    assert isinstance(fresh, AddRoutes) and fresh.routes[0].host != first.routes[0].host
+    assert core.counters["flows_reused"] == 1

@@ -89,9 +89,10 @@ def test_builder_checksums_verify(
     "flags", [SYN, SYN | ACK, ACK, PSH | ACK, FIN | ACK, RST, RST | ACK, 0, 0xFF]
 )
 def test_parse_reads_flow_and_flags(flags: int) -> None:
-    frame = tcp_frame("192.0.2.1", 40000, "198.51.100.10", 80, flags, b"payload")
+    frame = tcp_frame("192.0.2.1", 40000, "198.51.100.10", 80, flags, b"payload", seq=1234567)
     pkt = parse_frame(frame)
-    assert pkt == Packet(FlowKey(6, "192.0.2.1", 40000, "198.51.100.10", 80), flags, frame)
+    flow = FlowKey(6, "192.0.2.1", 40000, "198.51.100.10", 80)
+    assert pkt == Packet(flow, flags, frame, seq=1234567)
     assert str(pkt.flow) == "tcp 192.0.2.1:40000 -> 198.51.100.10:80"
     assert pkt.flow.nft() == "192.0.2.1 . 40000 . 198.51.100.10 . 80"
 

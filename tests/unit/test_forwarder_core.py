@@ -164,3 +164,25 @@ def test_new_classifier_is_asked_again_for_held_flows() -> None:
     (batch,) = core.messages()
     assert isinstance(batch, ClassifyBatch) and batch.misses[0].flow == flow()
     assert core.pending[flow()].deadline == 1.5
+
+
+def test_retransmitted_syn_keeps_its_host_but_a_reused_flow_is_classified_anew() -> None:
+    core = make()
+    syn = tcp_frame("10.91.1.2", 40000, "10.93.0.1", 80, SYN, dst_mac=OWN, seq=100)
+    core.on_frame(syn, now=0.0)
+    core.messages()
+    core.on_message(AddRoutes([Route(flow(), "h1", HOST)]), now=0.01)
+    core.actions()
+    # the same SYN again (the SYN-ACK was lost): the same host, no new question
+    core.on_frame(syn, now=1.0)
+    (send,) = core.actions()
+    assert isinstance(send, Transmit) and send.frame[:6] == mac_bytes(HOST)
+    assert core.messages() == []
+    # a new connection from the same port (the old one was refused, say)
+    fresh = tcp_frame("10.91.1.2", 40000, "10.93.0.1", 80, SYN, dst_mac=OWN, seq=999)
+    core.on_frame(fresh, now=2.0)
+    assert core.actions() == [Remove([flow()])]
+    removed, batch = core.messages()
+    assert removed == RoutesRemoved([flow()], "reused")  # before the new question
+    assert isinstance(batch, ClassifyBatch) and batch.misses[0].flow == flow()
+    assert core.counters["routes_reused"] == 1

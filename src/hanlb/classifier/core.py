@@ -4,7 +4,9 @@ For each ``Miss`` in a ``ClassifyBatch`` from a forwarder:
 
 1. the flow's application is found by VIP and port; none -> a drop route;
 2. a flow this classifier already placed goes to the *same* host again (a
-   forwarder that lost the route, or a flow that moved between forwarders);
+   forwarder that lost the route, or a flow that moved between forwarders),
+   unless the packet is a SYN with a new sequence number: a new connection
+   reusing the addresses and ports, which is placed anew;
 3. a new connection (SYN without ACK) gets a host from the ``HostSelector``
    (static weights, or health/load tokens) and is recorded in the session
    tracker;
@@ -58,6 +60,19 @@ class _Flow:
     forwarders: set[str] = field(default_factory=set)
     orphaned: float | None = None
     """When the last forwarder carrying it went away (None while one does)."""
+    syn_seq: int | None = None
+    """Sequence number of the SYN that opened it, if this classifier placed it."""
+
+
+def _syn_seq(miss: Miss) -> int | None:
+    """The TCP sequence number in a miss's packet head, if it is there."""
+    head = miss.head
+    if not head:
+        return None
+    ihl = (head[0] & 0x0F) * 4
+    if len(head) < ihl + 8:
+        return None
+    return int.from_bytes(head[ihl + 4 : ihl + 8], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +133,15 @@ class ClassifierCore:
                 self.counters["no_application"] += 1
                 drops.append(DropRoute(flow, NO_APP_DROP_TTL))
                 continue
+            opening = miss.tcp_flags & SYN and not miss.tcp_flags & ACK
             known = self.flows.get(flow)
+            if known is not None and opening and _syn_seq(miss) != known.syn_seq:
+                # A new connection reusing a known flow's addresses and ports (a
+                # retransmitted SYN would carry the same sequence number): the old
+                # one is over, and its host may be gone. Place it anew.
+                self.counters["flows_reused"] += 1
+                del self.flows[flow]
+                known = None
             if known is not None:
                 self.counters["replumbed_known"] += 1
                 if peer not in known.forwarders:
@@ -127,12 +150,12 @@ class ClassifierCore:
                     self._record(flow, known.host, peer)
                 routes.append(Route(flow, known.host, self._macs[known.host]))
                 continue
-            if miss.tcp_flags & SYN and not miss.tcp_flags & ACK:
+            if opening:
                 host = self.selector.choose(app.name, now)
                 if host is None:
                     self.counters["no_host"] += 1
                     continue
-                self.flows[flow] = _Flow(host, {peer})
+                self.flows[flow] = _Flow(host, {peer}, syn_seq=_syn_seq(miss))
                 self.placed[host] += 1
                 self.counters["new_flows"] += 1
                 self._record(flow, host, peer)

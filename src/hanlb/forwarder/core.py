@@ -9,8 +9,16 @@ state     event                        next
 PLUMBED   client FIN or RST seen       CLOSING (deadline = now+linger)
 PLUMBED   no packet for idle timeout   removed ("idle")
 CLOSING   linger deadline passed       removed ("closed")
+any       a SYN with a new sequence    removed ("reused"), SYN classified
 any       DeleteRoutes                 removed ("deleted")
 ========  ===========================  ==============================
+
+A SYN (without ACK) for a routed flow is either the same connection's
+retransmitted SYN (same sequence number as the SYN that opened it: same host)
+or a *new* connection reusing the addresses and ports of one that ended
+(clients reuse ports at once after a refused or reset connection, and a route
+outlives a connection that closed without the client's FIN). The new one is
+classified afresh: its old host may have left the pool or died.
 
 Packets of unknown flows (misses) are held here, at most ``MAX_HELD`` per flow,
 while a ``Miss`` goes to the classifier; when its route comes, the route is
@@ -31,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..flow import FIN, RST, BadPacket, FlowKey, mac_bytes, parse_frame, rewrite_macs
+from ..flow import ACK, FIN, RST, SYN, BadPacket, FlowKey, mac_bytes, parse_frame, rewrite_macs
 from ..protocol.messages import (
     AddRoutes,
     ClassifyBatch,
@@ -73,12 +81,15 @@ class _Route:
     last_active: float
     packets: int = 0
     deadline: float = 0.0
+    syn_seq: int | None = None
+    """Sequence number of the SYN that opened the flow, when this forwarder saw it."""
 
 
 @dataclass(slots=True)
 class _Pending:
     deadline: float
     frames: list[bytes] = field(default_factory=list)
+    syn_seq: int | None = None
 
 
 # -- actions for the datapath ------------------------------------------------
@@ -155,6 +166,12 @@ class ForwarderCore:
             return
         route = self.routes.get(flow)
         closing = bool(pkt.flags & (FIN | RST))
+        opening = pkt.flags & (SYN | ACK) == SYN
+        if route is not None and opening and pkt.seq != route.syn_seq:
+            # a new connection on a used 4-tuple: forget the old route, classify
+            self.counters["routes_reused"] += 1
+            self._remove([flow], "reused")
+            route = None
         if self.fast_path and frame[:6] != self.own_mac:
             # The kernel forwarded this FIN/RST already; this is its copy.
             self.counters["close_copies"] += 1
@@ -184,7 +201,9 @@ class ForwarderCore:
             else:
                 self.counters["held_overflow"] += 1
             return
-        self.pending[flow] = _Pending(now + self.classify_timeout, [frame])
+        self.pending[flow] = _Pending(
+            now + self.classify_timeout, [frame], pkt.seq if opening else None
+        )
         self.counters["classify_requests"] += 1
         self._misses.append(Miss(flow, pkt.flags, frame[14 : 14 + HEAD_BYTES]))
 
@@ -211,9 +230,12 @@ class ForwarderCore:
                 self.counters["routes_unchanged"] += 1
             else:
                 batch.append((r.flow, raw))
-            self.routes[r.flow] = _Route(r.host, r.mac, raw, RouteState.PLUMBED, now)
+            route = _Route(r.host, r.mac, raw, RouteState.PLUMBED, now)
+            self.routes[r.flow] = route
             self.drops.pop(r.flow, None)
             pending = self.pending.pop(r.flow, None)
+            if pending is not None:
+                route.syn_seq = pending.syn_seq
             if pending is not None:
                 for frame in pending.frames:
                     sends.append(Transmit(rewrite_macs(frame, self.own_mac, raw)))
@@ -277,12 +299,14 @@ class ForwarderCore:
 
     def messages(self) -> list[object]:
         out, self._out = self._out, []
-        if self._misses:
-            out.append(ClassifyBatch(self._misses))
-            self._misses = []
+        # Removals first: a reused flow's old entry must be gone at the classifier
+        # before the new connection's miss is classified.
         for reason, flows in self._removed.items():
             out.append(RoutesRemoved(flows, reason))
         self._removed = {}
+        if self._misses:
+            out.append(ClassifyBatch(self._misses))
+            self._misses = []
         return out
 
     def dump(self, req_id: int, now: float) -> RouteDump:

@@ -3,6 +3,11 @@
 One ``netdev`` table hooks the LAN interface's ingress:
 
 - ``drops`` (set with timeouts): packets of dropped flows are discarded;
+- every connection-opening SYN (SYN without ACK) to a VIP goes to the miss
+  TAP, routed or not: the core tells a retransmitted SYN (same sequence
+  number: same host) from a new connection that reuses a closed flow's
+  addresses and ports (it must be classified anew; the old route may point at
+  a host that is gone). New connections miss anyway, so this costs nothing;
 - ``routes`` (map flow key -> host MAC, per-element counters): a hit gets
   ``ether daddr`` = host MAC, ``ether saddr`` = own MAC and is ``fwd``ed back
   out of the LAN interface. A FIN or RST of a routed flow is also ``dup``ed,
@@ -65,6 +70,7 @@ table netdev {table} {{
   counter hits {{ }}
   counter closes {{ }}
   counter misses {{ }}
+  counter syns {{ }}
   counter drops {{ }}
   set vips {{ type ipv4_addr . inet_service;{vip_elements} }}
   map routes {{ type ipv4_addr . inet_service . ipv4_addr . inet_service : ether_addr;
@@ -74,6 +80,7 @@ table netdev {table} {{
   chain ingress {{
     type filter hook ingress device "{interface}" priority 0; policy accept;
     meta protocol ip meta l4proto tcp {key} @drops counter name "drops" drop
+    {vip} tcp flags & (syn|ack) == syn counter name "syns" fwd to "{miss_device}"
     {vip} tcp flags & (fin|rst) != 0 {route} counter name "closes" dup to "{miss_device}" fwd to "{interface}"
     {vip} {route} counter name "hits" fwd to "{interface}"
     {vip} counter name "misses" fwd to "{miss_device}"
@@ -290,7 +297,7 @@ class KernelDatapath(Datapath):
     def stats(self) -> dict[str, int]:
         """Kernel counters (hits, closes, misses, drops; ``forwarded`` = hits +
         closes) and this process's TAP/transmit counters."""
-        counters = {"hits": 0, "closes": 0, "misses": 0, "drops": 0}
+        counters = {"hits": 0, "closes": 0, "misses": 0, "syns": 0, "drops": 0}
         for item in self._list(f"list counters table netdev {self.table}"):
             c = item.get("counter")
             if isinstance(c, dict) and c.get("name") in counters:
@@ -298,6 +305,9 @@ class KernelDatapath(Datapath):
         return {
             "forwarded": counters["hits"] + counters["closes"],
             **counters,
+            # every packet the kernel sent to the process: new connections' SYNs
+            # and packets of flows with no route
+            "misses": counters["misses"] + counters["syns"],
             "routes": len(self.installed),
             "tap_frames": self.tap_frames,
             "tap_ignored": self.tap_ignored,

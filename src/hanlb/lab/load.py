@@ -164,43 +164,60 @@ async def run_http(
     concurrency: int,
     timeout: float = 5.0,
     path: str = "/",
+    duration: float = 0.0,
+    timeline: bool = False,
 ) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
     served: Counter[str] = Counter()
     latencies: list[float] = []
+    events: list[tuple[float, str | None, str]] = []
     ok = 0
     remaining = connections
+    start = time.perf_counter()
+    deadline = start + duration if duration > 0 else None
+
+    def more() -> bool:
+        if deadline is not None:
+            return time.perf_counter() < deadline
+        return remaining > 0
 
     async def worker() -> None:
         nonlocal ok, remaining
-        while remaining > 0:
+        while more():
             remaining -= 1
             t0 = time.perf_counter()
+            wall = time.time()
             try:
                 resp = await _fetch(address, port, path, timeout)
             except Exception as exc:
                 errors[error_kind(exc)] += 1
+                events.append((wall, None, error_kind(exc)))
                 continue
             if not resp.complete:
                 errors["eof"] += 1
+                events.append((wall, resp.served_by, "eof"))
                 continue
             statuses[str(resp.status)] += 1
             if resp.served_by is not None:
                 served[resp.served_by] += 1
             if resp.status != 200:
                 errors[f"status_{resp.status}"] += 1
+                events.append((wall, resp.served_by, f"status_{resp.status}"))
                 continue
             ok += 1
             latencies.append(time.perf_counter() - t0)
+            events.append((wall, resp.served_by, "ok"))
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, connections)))))
+    workers = concurrency if deadline is not None else min(concurrency, connections)
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     elapsed = time.perf_counter() - start
     failed = sum(errors.values())
+    extra: dict[str, Any] = {"timeline": sorted(events)} if timeline else {}
     return {
+        **extra,
         "mode": "http",
-        "connections": connections,
+        "connections": ok + sum(errors.values()),
         "concurrency": concurrency,
         "ok": ok,
         "failed": failed,
@@ -375,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="stream/upload duration")
     parser.add_argument("--path", default=None, help="http: '/', probe: '/health'")
     parser.add_argument("--targets", default="", help="probe: comma-separated ADDRESS:PORT")
+    parser.add_argument(
+        "--duration", type=float, default=0.0, help="http: run this long instead of a count"
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="http: add [wall time, host, outcome] of every connection",
+    )
     args = parser.parse_args(argv)
 
     port = args.port if args.port is not None else (5001 if args.mode == "upload" else 80)
@@ -388,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.concurrency,
                 args.timeout,
                 args.path or "/",
+                duration=args.duration,
+                timeline=args.timeline,
             )
         )
     elif args.mode == "stream":

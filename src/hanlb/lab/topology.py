@@ -459,9 +459,18 @@ def _build_network(spec: LabSpec, nodes: Sequence[Node]) -> None:
     for ns in all_ns:
         _sysctl(ns, base_sysctls)
         _ip_batch(ns, ["link set lo up"])
+    # ECMP hashes the 5-tuple from the headers (policy 3, fields: addresses,
+    # protocol, ports), as a router receiving from a real wire does. Policy 1
+    # would reuse the hash a local sender left on the skb (the client's socket
+    # txhash, random per connection and changed on retransmission), so one flow
+    # could change forwarder: no real router behaves like that.
     _sysctl(
         ROUTER_NS,
-        {"net.ipv4.ip_forward": 1, "net.ipv4.fib_multipath_hash_policy": 1},
+        {
+            "net.ipv4.ip_forward": 1,
+            "net.ipv4.fib_multipath_hash_policy": 3,
+            "net.ipv4.fib_multipath_hash_fields": "0x0037",
+        },
     )
 
     # The server LAN: a bridge in hl-lan, one veth per node.
@@ -826,7 +835,10 @@ class Lab:
         and return its JSON. Keyword ``foo_bar=1`` becomes ``--foo-bar 1``."""
         argv = [sys.executable, "-m", "hanlb.lab.load", "--mode", mode]
         for key, value in opts.items():
-            if value is None:
+            if value is None or value is False:
+                continue
+            if value is True:
+                argv.append(f"--{key.replace('_', '-')}")
                 continue
             if isinstance(value, list | tuple):
                 value = ",".join(str(v) for v in value)

@@ -9,11 +9,12 @@ cluster (rules naming unknown applications, a TLS key without a certificate).
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import ClusterConfig, NodeConfig
+if TYPE_CHECKING:  # hanlb.config may import this module: no import cycle at run time
+    from ..config import ClusterConfig, NodeConfig
 
 __all__ = ["HeaderRule", "RouteRule", "RouterSettings", "router_nodes", "router_settings"]
 

@@ -32,6 +32,7 @@ import httptools
 __all__ = [
     "END",
     "HOP_BY_HOP",
+    "LAST_CHUNK",
     "REASONS",
     "BackendProtocolError",
     "End",
@@ -79,6 +80,7 @@ REASONS: Final = {
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -281,6 +283,8 @@ class RequestReader:
         p = self._parser
         method = p.get_method().decode("ascii", "replace")
         version = p.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
         headers = self._headers
         target = b"".join(self._url)
         framing: Framing = "none"

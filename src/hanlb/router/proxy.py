@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import re
 import secrets
 from collections import Counter
@@ -33,10 +32,10 @@ from dataclasses import dataclass
 from ..classifier.selection import HostSelector
 from ..config import Application, ClusterConfig
 from ..health.tokens import TokenSelector
+from ..tracker.entry import session_key
 from .affinity import AffinityTable
 from .config import HeaderRule, RouterSettings
 from .http import (
-    END,
     LAST_CHUNK,
     BackendProtocolError,
     End,
@@ -52,14 +51,12 @@ from .http import (
 )
 from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool
 
-__all__ = ["IDEMPOTENT", "ClientConnection", "Router"]
+__all__ = ["IDEMPOTENT", "ClientConnection", "Router", "tls_session_key"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 256 * 1024
 _AFFINITY_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_FORWARD_DROP = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"content-length"}
-)
+_FORWARD_DROP = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"content-length"})
 
 
 class ClientGone(ConnectionError):
@@ -214,10 +211,7 @@ class ClientConnection:
         self.tls_recorded = False
         ssl_object = writer.get_extra_info("ssl_object")
         if ssl_object is not None and s.tls_session_affinity:
-            session = getattr(ssl_object, "session", None)
-            sid = getattr(session, "id", b"") if session is not None else b""
-            if sid:
-                self.tls_key = router.affinity.key("tls-session", sid.hex())
+            self.tls_key = tls_session_key(ssl_object)
         self.response_started = False
 
     # -- the connection's life ------------------------------------------------------------
@@ -287,7 +281,9 @@ class ClientConnection:
                 ev = await self._client_event(1.0)
                 if isinstance(ev, RequestHead):
                     return ev
-                raise HttpError(400, "unexpected body")  # cannot happen: bodies are consumed
+                if isinstance(ev, End):
+                    continue  # the end of a request without a body
+                raise HttpError(400, "unexpected body")  # bodies are consumed by the upload
             if self.parser.in_message and deadline is None:
                 deadline = loop.time() + s.client_header_timeout
             timeout = s.client_idle_timeout if deadline is None else deadline - loop.time()
@@ -335,6 +331,7 @@ class ClientConnection:
         tried: set[str] = set()
         sent_once = False
         continued = False
+        connect_failed = False
         self.response_started = False
         while True:
             now = loop.time()
@@ -346,12 +343,15 @@ class ClientConnection:
                 pool = router.pick(app, now, tried)
                 cookie = None
             if pool is None:
+                if connect_failed:
+                    return await self._answer(head, 502, "no backend could be reached")
                 self.counters["no_host"] += 1
                 return await self._answer(head, 503, "no host available")
             tried.add(pool.host)
             try:
                 conn = await pool.acquire()
             except ConnectFailed:
+                connect_failed = True
                 self.counters["backend_connect_retries"] += 1
                 continue
             if head.expect_continue and head.has_body and not continued:
@@ -361,12 +361,13 @@ class ClientConnection:
                 return await self._exchange(head, app, pool, conn, cookie)
             except BackendFailed as exc:
                 pool.release(conn, False)
+                if self.response_started:
+                    self.counters["backend_failures_mid_response"] += 1
+                    return False
                 if exc.timeout:
                     self.counters["backend_timeouts"] += 1
                     return await self._answer(head, 504, "backend response timeout")
                 self.counters["backend_failures"] += 1
-                if self.response_started:
-                    return False
                 if (
                     exc.before_response
                     and not sent_once
@@ -415,7 +416,7 @@ class ClientConnection:
                 return _Choice(router.app_pools[app][host])
         return None
 
-    def _request_bytes(self, head: RequestHead, app: str) -> bytes:
+    def _request_bytes(self, head: RequestHead, app: str, pool: HostPool) -> bytes:
         router = self.router
         drop = hop_by_hop_names(head.headers)
         drop |= _FORWARD_DROP
@@ -434,6 +435,8 @@ class ClientConnection:
                 has_rid = True
             if lk not in drop:
                 out.append((k, v))
+        if not head.host:  # HTTP/1.0 without Host: HTTP/1.1 to the backend needs one
+            out.append((b"Host", f"{pool.address}:{pool.port}".encode()))
         xff.append(self.client_ip)
         out.append((b"X-Forwarded-For", b", ".join(x for x in xff if x)))
         out.append((b"X-Forwarded-Proto", router.proto))
@@ -456,7 +459,6 @@ class ClientConnection:
         conn: BackendConn,
         cookie: str | None,
     ) -> bool:
-        s = self.settings
         if conn.parser is None:
             conn.parser = ResponseReader()
         rparser = conn.parser
@@ -464,7 +466,7 @@ class ClientConnection:
         rparser.bytes_seen = 0
         upload: asyncio.Task[None] | None = None
         try:
-            conn.writer.write(self._request_bytes(head, app))
+            conn.writer.write(self._request_bytes(head, app, pool))
         except (ConnectionError, OSError) as exc:
             raise BackendFailed(str(exc), True) from exc
         if head.has_body:
@@ -648,6 +650,25 @@ class ClientConnection:
                 self.router.affinity.record(key, host)
 
 
+def tls_session_key(ssl_object: object) -> str | None:
+    """The tracker key of a connection's TLS session, or None when it has no stable id.
+
+    Python exposes the server side's session id (``SSLObject.session.id``). Under
+    TLS 1.2 a resumed session keeps the id the client offered, so it identifies
+    the session across connections (not the first, ticket-based handshake: its
+    id is empty). Under TLS 1.3 OpenSSL makes up a new id for every handshake,
+    resumed or not, so it is not used: the affinity cookie carries the session.
+    """
+    version = getattr(ssl_object, "version", lambda: None)()
+    if version not in ("TLSv1.2", "TLSv1.1", "TLSv1"):
+        return None
+    session = getattr(ssl_object, "session", None)
+    sid = getattr(session, "id", b"") if session is not None else b""
+    if not isinstance(sid, bytes) or not sid:
+        return None
+    return session_key("tls-session", sid.hex())
+
+
 class _ClientAbort(Exception):
     """The client broke off while its request body was being uploaded."""
 
@@ -657,9 +678,7 @@ class _ClientAbort(Exception):
 
 
 def _app_cookie_key(name: str, value: str) -> str | None:
+    """The tracker key of an application session cookie, None for an unusable value."""
     if not value or len(value) > 256 or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value):
         return None
-    return f"s|http-cookie|{name}={value}" if len(name) + len(value) < 400 else None
-
-
-_ = os  # re-exported for tests that seed the id generator deterministically
+    return session_key("http-cookie", f"{name}={value}")
