@@ -84,7 +84,7 @@ def test_layout_config_and_status(lab_factory: LabFactory) -> None:
         assert f"nexthop via 10.92.0.{10 + k} dev lan0" in route
     assert sysctl(lab, "hl-router", "net.ipv4.ip_forward") == "1"
     assert sysctl(lab, "hl-router", "net.ipv4.fib_multipath_hash_policy") == "3"
-    assert sysctl(lab, "hl-router", "net.ipv4.fib_multipath_hash_fields") == "0x0037"
+    assert sysctl(lab, "hl-router", "net.ipv4.fib_multipath_hash_fields") == "55"  # 0x37
     assert sysctl(lab, "hl-router", "net.ipv4.conf.c1.rp_filter") == "0"
     # hosts: VIP on lo, no ARP for it
     for ns in ("hl-h1", "hl-h2"):
