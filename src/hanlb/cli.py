@@ -18,7 +18,7 @@ from . import admin
 from .config import ClusterConfig, ConfigError, load_config
 from .lab.cli import lab
 
-ROLES = ("forwarder", "classifier", "switch", "tracker", "handler", "agent")
+ROLES = ("forwarder", "classifier", "switch", "tracker", "handler", "agent", "router")
 LAB_CONFIG = "/run/hanlb/lab/cluster.toml"
 
 
@@ -52,6 +52,7 @@ def placed_here(config: ClusterConfig) -> list[tuple[str, str]]:
     found += [("handler", h.name) for h in config.handlers if h.endpoint[0] in local]
     found += [("classifier", c.name) for c in config.classifiers if c.endpoint[0] in local]
     found += [("forwarder", f.name) for f in config.forwarders if f.address in local]
+    found += [("router", r.name) for r in config.routers if r.endpoint[0] in local]
     found += [("agent", h.name) for h in config.hosts if h.address in local]
     return found
 
@@ -71,6 +72,12 @@ def _service(config: ClusterConfig, role: str, name: str) -> Any:
         from .health.handler import HandlerService
 
         return HandlerService(config, name)
+    if role == "router":
+        from .router.service import RouterService
+
+        if name not in {r.name for r in config.routers}:
+            raise KeyError(f"no router named {name!r}")
+        return RouterService(config, name)
     if role == "agent":
         from .health.agent import AgentService
 
@@ -119,7 +126,8 @@ def run(config_path: str, role: str | None, name: str | None, verbose: bool) -> 
 
     Roles: forwarder, classifier, switch (the LB-aware switch, in the router),
     tracker (a session-tracker node), handler (a health and load handler) and
-    agent (a host agent; --name is the host's name)."""
+    agent (a host agent; --name is the host's name) and router (an L7 request
+    router)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

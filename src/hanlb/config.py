@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .router.config import RouterSettings
+
 __all__ = [
     "Application",
     "ClassifierConfig",
@@ -171,7 +173,10 @@ class HostConfig(_Model):
     mac: str
     """The MAC the forwarders write as the destination (L2 direct server return)."""
     agent: str | None = None
-    """ADDRESS:PORT of the host agent (health issue); optional."""
+    """ADDRESS:PORT where the host agent serves its admin endpoint; optional."""
+    applications: list[Name] | None = None
+    """Applications this host runs, which its agent probes. Default: those whose
+    pool names the host. Name them for a host that may join a pool at run time."""
 
     _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
 
@@ -289,11 +294,16 @@ class ClusterConfig(_Model):
     trackers: list[NodeConfig] = Field(default_factory=list)
     handlers: list[NodeConfig] = Field(default_factory=list)
     """Health and load handlers."""
+    router: RouterSettings = RouterSettings()
+    """The L7 request routers' behaviour (claims 50-55)."""
+    routers: list[NodeConfig] = Field(default_factory=list)
+    """Request routers: where each listens for client connections."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> ClusterConfig:
         problems: list[tuple[str, str]] = []
-        for kind in ("hosts", "applications", "forwarders", "classifiers", "trackers", "handlers"):
+        kinds = ("hosts", "applications", "forwarders", "classifiers", "trackers", "handlers")
+        for kind in (*kinds, "routers"):
             seen: set[str] = set()
             for i, item in enumerate(getattr(self, kind)):
                 if item.name in seen:
@@ -310,6 +320,13 @@ class ClusterConfig(_Model):
                     problems.append(
                         (f"applications[{i}].pool[{j}].host", f"no host named {member.host!r}")
                     )
+        apps = {a.name for a in self.applications}
+        for i, h in enumerate(self.hosts):
+            for j, name in enumerate(h.applications or ()):
+                if name not in apps:
+                    problems.append(
+                        (f"hosts[{i}].applications[{j}]", f"no application named {name!r}")
+                    )
         classifiers = {c.name for c in self.classifiers}
         for i, fw in enumerate(self.forwarders):
             for j, name in enumerate(fw.classifiers):
@@ -319,11 +336,19 @@ class ClusterConfig(_Model):
                     )
         if self.forwarders and not self.classifiers:
             problems.append(("classifiers", "forwarders need at least one classifier"))
+        problems.extend(self.router.problems(self))
         if problems:
             raise ValueError("; ".join(f"{f}: {r}" for f, r in problems))
         return self
 
     # -- lookups ---------------------------------------------------------------
+
+    def host_applications(self, name: str) -> list[Application]:
+        """The applications host ``name`` runs (see ``HostConfig.applications``)."""
+        host = self.host(name)
+        if host.applications is not None:
+            return [a for a in self.applications if a.name in host.applications]
+        return [a for a in self.applications if any(m.host == name for m in a.pool)]
 
     def host(self, name: str) -> HostConfig:
         for h in self.hosts:

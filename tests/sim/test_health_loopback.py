@@ -98,7 +98,10 @@ def test_failover_and_cache_rebuild(tmp_path: Path) -> None:
         t_hl1 = asyncio.create_task(hl1.run())
         t_hl2 = asyncio.create_task(hl2.run())
         await asyncio.sleep(0.05)
-        agents = [AgentService(cfg, "h1"), AgentService(cfg, "h2")]
+        agents = [
+            AgentService(cfg, "h1", probe_address="127.0.0.2"),
+            AgentService(cfg, "h2", probe_address="127.0.0.3"),
+        ]
         t_agents = [asyncio.create_task(a.run()) for a in agents]
         selector = TokenSelector.from_config(cfg)
         client = HealthClient(cfg, "cl1", selector)

@@ -149,13 +149,14 @@ class AgentCore:
 
     @classmethod
     def from_config(cls, config: ClusterConfig, host: str, now: float) -> AgentCore:
-        """An agent probing every application on ``host``: hosts are authoritative
-        for their endpoints' health whether or not a pool names them now, so a
-        host added to a pool at run time is judged at once. The weight is the
-        configured one (0 where no pool names the host); handlers weigh tokens by
-        the pools they hold, which ``hanlb ctl pool`` changes."""
+        """An agent probing every application ``host`` runs
+        (``ClusterConfig.host_applications``): hosts are authoritative for their
+        endpoints' health whether or not a pool names them now, so a host added to
+        a pool at run time is judged at once. The weight is the configured one (0
+        where no pool names the host); handlers weigh tokens by the pools they
+        hold, which ``hanlb ctl pool`` changes."""
         specs = []
-        for app in config.applications:
+        for app in config.host_applications(host):
             weight = next((m.weight for m in app.pool if m.host == host), 0)
             hc = app.health_check
             specs.append(EndpointSpec(app.name, weight, hc.interval, hc.rise, hc.fall))
@@ -456,8 +457,9 @@ class LoadProbe:
 class AgentService:
     """The host agent process for host ``host_name``.
 
-    ``probe_address`` overrides the address probes go to (default: the host's
-    own address from the configuration).
+    ``probe_address`` overrides the address probes go to. By default each
+    application is probed at its VIP: with direct server return the host holds
+    the VIP on its loopback and that is where the application answers clients.
     """
 
     def __init__(
@@ -466,8 +468,8 @@ class AgentService:
         self.config = config
         self.host = config.host(host_name)
         self.name = host_name
-        self.probe_address = probe_address or self.host.address
-        self.apps = {a.name: a for a in config.applications}  # as AgentCore.from_config
+        self.probe_address = probe_address
+        self.apps = {a.name: a for a in config.host_applications(host_name)}
         self.loads = {name: LoadProbe(name, a.port) for name, a in self.apps.items()}
         self._next_load: dict[str, float] = {}
         self.links: dict[str, Link] = {}
@@ -546,9 +548,9 @@ class AgentService:
         spec = self.apps[app]
         check = spec.health_check
         if check.kind == "http":
-            result = await probe_http(self.probe_address, spec.port, check)
+            result = await probe_http(self.probe_address or spec.vip, spec.port, check)
         else:
-            result = await probe_tcp(self.probe_address, spec.port, check)
+            result = await probe_tcp(self.probe_address or spec.vip, spec.port, check)
         self.last_probe[app] = result
         now = asyncio.get_running_loop().time()
         if now >= self._next_load.get(app, 0.0):

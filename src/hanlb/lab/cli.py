@@ -50,6 +50,13 @@ def lab() -> None:
     type=click.IntRange(0, 100),
     help="Hosts configured but in no pool (for `hanlb ctl pool add`).",
 )
+@click.option(
+    "--routers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 9),
+    help="L7 request routers, behind a second VIP (10.93.0.2:80, mode http).",
+)
 @click.option("--weights", default="", help="Pool weights, comma separated, one per host.")
 @click.option(
     "--switch/--no-switch",
@@ -80,6 +87,7 @@ def up(
     trackers: int,
     handlers: int,
     spare_hosts: int,
+    routers: int,
     weights: str,
     switch: bool,
     components: bool,
@@ -100,6 +108,7 @@ def up(
             trackers=trackers,
             handlers=handlers,
             spare_hosts=spare_hosts,
+            routers=routers,
             weights=parsed,
             switch=switch,
             start_components=components,

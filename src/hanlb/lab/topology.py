@@ -78,13 +78,18 @@ SOCK_DIR = LAB_DIR / "sock"
 NETNS_DIR = Path("/run/netns")
 
 NS_PREFIX = "hl-"
-LAB_NS_RE = re.compile(r"hl-(lan|router|c[0-9]+|fw[0-9]+|cl[0-9]+|h[0-9]+|tr[0-9]+|hd[0-9]+)")
+LAB_NS_RE = re.compile(
+    r"hl-(lan|router|c[0-9]+|fw[0-9]+|cl[0-9]+|h[0-9]+|tr[0-9]+|hd[0-9]+|rt[0-9]+)"
+)
 LAN_NS = "hl-lan"
 ROUTER_NS = "hl-router"
 ROUTER_ADDRESS = "10.92.0.1"
 ROUTER_MAC = "02:92:00:00:00:01"
 LAN_PREFIX = 24
 VIP = "10.93.0.1"
+L7_VIP = "10.93.0.2"
+"""The request routers' VIP: the L4 tier spreads it over the routers (mode http)."""
+L7_APP = "web-l7"
 CLASSIFIER_PORT = 7400
 TRACKER_PORT = 7500
 HANDLER_PORT = 7600
@@ -101,9 +106,10 @@ MAX_CLASSIFIERS = 69
 MAX_HOSTS = 154
 MAX_TRACKERS = 9
 MAX_HANDLERS = 9
+MAX_ROUTERS = 9
 
 Datapath = Literal["kernel", "userspace"]
-Role = Literal["router", "forwarder", "classifier", "host", "tracker", "handler"]
+Role = Literal["router", "forwarder", "classifier", "host", "tracker", "handler", "l7"]
 
 
 class LabError(RuntimeError):
@@ -143,6 +149,8 @@ class LabSpec:
     weights: tuple[int, ...] = ()
     switch: bool = False
     replication: int = 2
+    routers: int = 0
+    """L7 request routers (``hl-rt<k>``): hosts of a second VIP, mode http."""
 
     def check(self) -> None:
         for what, n, low, top in (
@@ -152,6 +160,7 @@ class LabSpec:
             ("hosts", self.hosts, 1, MAX_HOSTS - self.spare_hosts),
             ("trackers", self.trackers, 0, MAX_TRACKERS),
             ("handlers", self.handlers, 0, MAX_HANDLERS),
+            ("routers", self.routers, 0, MAX_ROUTERS),
             ("spare_hosts", self.spare_hosts, 0, MAX_HOSTS - 1),
         ):
             if not low <= n <= top:
@@ -171,9 +180,18 @@ def plan(
     hosts: int,
     trackers: int = 0,
     handlers: int = 0,
+    routers: int = 0,
 ) -> list[Node]:
-    """The LAN nodes of a lab of these sizes (router first, then fw, cl, h, tr, hd)."""
-    LabSpec(clients, forwarders, classifiers, hosts, trackers=trackers, handlers=handlers).check()
+    """The LAN nodes of a lab of these sizes (router first, then fw, cl, h, tr, hd, rt)."""
+    LabSpec(
+        clients,
+        forwarders,
+        classifiers,
+        hosts,
+        trackers=trackers,
+        handlers=handlers,
+        routers=routers,
+    ).check()
     nodes = [Node("router", ROUTER_NS, "router", ROUTER_ADDRESS, ROUTER_MAC)]
     for k in range(1, forwarders + 1):
         nodes.append(Node(f"fw{k}", f"hl-fw{k}", "forwarder", f"10.92.0.{10 + k}", _mac(0, 10 + k)))
@@ -187,6 +205,8 @@ def plan(
         nodes.append(Node(f"tr{k}", f"hl-tr{k}", "tracker", f"10.92.0.{40 + k}", _mac(0, 40 + k)))
     for k in range(1, handlers + 1):
         nodes.append(Node(f"hd{k}", f"hl-hd{k}", "handler", f"10.92.0.{50 + k}", _mac(0, 50 + k)))
+    for k in range(1, routers + 1):
+        nodes.append(Node(f"rt{k}", f"hl-rt{k}", "l7", f"10.92.0.{60 + k}", _mac(0, 60 + k)))
     return nodes
 
 
@@ -372,14 +392,20 @@ def render_config(
         lines += ["[tracker]", f"replication = {spec.replication}", ""]
     if spec.switch:
         lines += ["[switch]", 'name = "switch"', 'interface = "lan0"', ""]
-    for h in hosts:
+    l7 = [n for n in nodes if n.role == "l7"]
+    if l7:
+        lines += ["[router]", f"default_app = {_toml_str(APPLICATIONS[0][0])}", ""]
+    host_apps = ", ".join(_toml_str(name) for name, _, _ in APPLICATIONS)
+    for h in [*hosts, *l7]:
         lines += [
             "[[hosts]]",
             f"name = {_toml_str(h.name)}",
             f"address = {_toml_str(h.address)}",
             f"mac = {_toml_str(h.mac)}",
-            "",
         ]
+        if h not in in_pool and h.role == "host":  # a spare: runs the apps, in no pool
+            lines += [f"applications = [{host_apps}]"]
+        lines += [""]
     pool = ", ".join(
         f"{{ host = {_toml_str(h.name)}, weight = {w} }}"
         for h, w in zip(in_pool, weights, strict=True)
@@ -396,6 +422,24 @@ def render_config(
         if port == SINK_PORT:  # the sink speaks no HTTP: check that it accepts
             lines += ['health_check = { kind = "tcp" }']
         lines += [""]
+    if l7:
+        routers_pool = ", ".join(f"{{ host = {_toml_str(r.name)}, weight = 1 }}" for r in l7)
+        lines += [
+            "[[applications]]",
+            f"name = {_toml_str(L7_APP)}",
+            f"vip = {_toml_str(L7_VIP)}",
+            f"port = {HTTP_PORT}",
+            'mode = "http"',
+            f"pool = [{routers_pool}]",
+            "",
+        ]
+        for r in l7:
+            lines += [
+                "[[routers]]",
+                f"name = {_toml_str(r.name)}",
+                f"listen = {_toml_str(f'{L7_VIP}:{HTTP_PORT}')}",
+                "",
+            ]
     for n in nodes:
         if n.role == "forwarder":
             lines += [
@@ -490,9 +534,11 @@ def _build_network(spec: LabSpec, nodes: Sequence[Node]) -> None:
             cmds.append(f"route replace default via {ROUTER_ADDRESS} dev lan0")
         if n.role == "host":
             cmds.append(f"addr add {VIP}/32 dev lo")
+        if n.role == "l7":
+            cmds.append(f"addr add {L7_VIP}/32 dev lo")
         _ip_batch(n.netns, cmds)
         if_sysctls: dict[str, str | int] = {"net.ipv4.conf.lan0.rp_filter": 0}
-        if n.role == "host":
+        if n.role in ("host", "l7"):
             if_sysctls |= {
                 "net.ipv4.conf.all.arp_ignore": 1,
                 "net.ipv4.conf.lan0.arp_ignore": 1,
@@ -531,7 +577,8 @@ def _build_network(spec: LabSpec, nodes: Sequence[Node]) -> None:
     # ECMP over the forwarders for the VIP; with the switch, the switch owns the route.
     if not spec.switch:
         hops = " ".join(f"nexthop via {n.address} dev lan0" for n in nodes if n.role == "forwarder")
-        _ip_batch(ROUTER_NS, [f"route replace {VIP}/32 {hops}"])
+        vips = [VIP, L7_VIP] if any(n.role == "l7" for n in nodes) else [VIP]
+        _ip_batch(ROUTER_NS, [f"route replace {v}/32 {hops}" for v in vips])
 
 
 def _component(role: str, name: str, netns: str, argv: Sequence[str]) -> dict[str, Any]:
@@ -597,6 +644,7 @@ class Lab:
             spec.hosts + spec.spare_hosts,
             spec.trackers,
             spec.handlers,
+            spec.routers,
         )
         if os.geteuid() != 0:
             raise LabError("the lab needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN)")
@@ -651,9 +699,12 @@ class Lab:
             for n in nodes:
                 if n.role == role:
                     components.append(_component(role, n.name, n.netns, run(role, n.name)))
+        for n in nodes:
+            if n.role == "l7":
+                components.append(_component("router", n.name, n.netns, run("router", n.name)))
         if spec.handlers:
             for n in nodes:
-                if n.role == "host":
+                if n.role in ("host", "l7"):
                     components.append(
                         _component("agent", f"{n.name}-agent", n.netns, run("agent", n.name))
                     )
@@ -662,7 +713,7 @@ class Lab:
         client_ns = [f"hl-c{i}" for i in range(1, clients + 1)]
         by_role = {
             r: [n.netns for n in nodes if n.role == r]
-            for r in ("forwarder", "classifier", "host", "tracker", "handler")
+            for r in ("forwarder", "classifier", "host", "tracker", "handler", "l7")
         }
         return {
             "version": 1,
@@ -675,6 +726,7 @@ class Lab:
                 "spare_hosts": spec.spare_hosts,
                 "trackers": len(by_role["tracker"]),
                 "handlers": len(by_role["handler"]),
+                "routers": len(by_role["l7"]),
                 "switch": spec.switch,
             },
             "datapath": datapath,
@@ -687,13 +739,19 @@ class Lab:
             "hosts": by_role["host"],
             "trackers": by_role["tracker"],
             "handlers": by_role["handler"],
+            "routers": by_role["l7"],
             "namespaces": [LAN_NS, *(n.netns for n in nodes), *client_ns],
             "nodes": [asdict(n) for n in nodes],
             "client_addresses": {ns: f"10.91.{i}.2" for i, ns in enumerate(client_ns, 1)},
             "vips": [
                 {"address": VIP, "port": port, "mode": mode, "application": name}
                 for name, port, mode in APPLICATIONS
-            ],
+            ]
+            + (
+                [{"address": L7_VIP, "port": HTTP_PORT, "mode": "http", "application": L7_APP}]
+                if by_role["l7"]
+                else []
+            ),
             "components": components,
         }
 
