@@ -166,6 +166,42 @@ class NodeConfig(_Model):
         return _endpoint(self.listen)
 
 
+class FirewallRule(_Model):
+    """One allow/deny rule; the first rule that matches a new connection decides."""
+
+    action: Literal["allow", "deny"]
+    source: str = "0.0.0.0/0"
+    """Client address prefix (IPv4 CIDR)."""
+    ports: list[Port] = Field(default_factory=list)
+    """Destination ports it applies to; empty means any."""
+
+    @field_validator("source")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        try:
+            return str(ipaddress.IPv4Network(v, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 prefix like 10.0.0.0/8") from exc
+
+
+class FirewallPolicy(_Model):
+    """What new connections an application admits (claims 33-34, 60).
+
+    A refused connection gets a *drop route*: its later packets are dropped in
+    the forwarder's datapath and never reach a classifier again."""
+
+    default: Literal["allow", "deny"] = "allow"
+    rules: list[FirewallRule] = Field(default_factory=list)
+    new_per_source_per_second: Annotated[float, Field(gt=0)] | None = None
+    """New connections a client address may open per second (token bucket)."""
+    new_burst: Annotated[int, Field(ge=1)] = 20
+    """Bucket size for ``new_per_source_per_second``."""
+    concurrent_per_source: Annotated[int, Field(ge=1)] | None = None
+    """Connections one client address may hold open at once (per classifier)."""
+    drop_ttl: Seconds = 10.0
+    """How long a drop route stays in the forwarder."""
+
+
 class HostConfig(_Model):
     name: Name
     address: str
@@ -214,6 +250,7 @@ class Application(_Model):
     health_check: HealthCheck = HealthCheck()
     strategy: Literal["round-robin", "linear", "greatest"] = "round-robin"
     """How a classifier spends health/load tokens (claims 35-42)."""
+    firewall: FirewallPolicy = FirewallPolicy()
 
     _vip = field_validator("vip")(classmethod(lambda cls, v: _ipv4(v)))
 
@@ -244,6 +281,16 @@ class ForwarderConfig(_Model):
     """Optional ADDRESS:PORT for the admin HTTP endpoint (a unix socket is always served)."""
     probe_port: Port = 7401
     """UDP port where the forwarder answers the LB-aware switch's liveness probes."""
+    miss_limit: Annotated[int, Field(ge=0)] = 5000
+    """Packets per second the kernel datapath lets through to the miss path from
+    client addresses that have not completed a handshake recently (0: no limit).
+    Over it, such packets are dropped in the kernel and counted."""
+    miss_limit_per_source: Annotated[int, Field(ge=0)] = 200
+    """Packets per second any one client address may send to the miss path
+    (0: no limit)."""
+    trusted_ttl: Seconds = 300.0
+    """A client address that completed a handshake through this forwarder is
+    exempt from ``miss_limit`` for this long after its last routed packet."""
 
     _addr = field_validator("address")(classmethod(lambda cls, v: _ipv4(v)))
 

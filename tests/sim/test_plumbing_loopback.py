@@ -136,3 +136,44 @@ def test_forwarder_moves_to_the_next_classifier_and_retries_held_misses(tmp_path
                 await t
 
     asyncio.run(scenario())
+
+
+def test_a_returning_classifier_takes_its_forwarder_back(tmp_path: Path) -> None:
+    doc = cluster(tmp_path, free_port())
+    doc["classifiers"] = [  # type: ignore[index]
+        {"name": "cl1", "listen": f"127.0.0.1:{free_port()}"},
+        {"name": "cl2", "listen": f"127.0.0.1:{free_port()}"},
+    ]
+    doc["forwarders"][0]["classifiers"] = ["cl1", "cl2"]  # type: ignore[index]
+    config = parse_config(doc)
+
+    async def scenario() -> None:
+        dp = MemoryDatapath()
+        fw = ForwarderService(config, "fw1", datapath=dp)
+        cl1 = ClassifierService(config, "cl1")
+        t1 = asyncio.create_task(cl1.run())
+        t2 = asyncio.create_task(ClassifierService(config, "cl2").run())
+        await asyncio.sleep(0.05)
+        tf = asyncio.create_task(fw.run())
+        await until(lambda: fw.classifier == "cl1")
+        t1.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t1
+        for link in list(cl1.forwarders.values()):
+            link.close()
+        await until(lambda: fw.classifier == "cl2")
+        # cl1 comes back: within the take-back interval the forwarder returns
+        cl1_again = ClassifierService(config, "cl1")
+        t1 = asyncio.create_task(cl1_again.run())
+        await until(lambda: fw.classifier == "cl1", timeout=5.0)
+        assert fw.net_counters["classifier_takebacks"] == 1
+        assert dp.deliver is not None
+        dp.deliver(tcp_frame("10.91.1.2", 3001, "10.93.0.1", 80, SYN, dst_mac="02:00:00:00:00:01"))
+        await until(lambda: len(dp.sent) == 1)
+        assert cl1_again.core.counters["new_flows"] == 1
+        for t in (t1, t2, tf):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    asyncio.run(scenario())

@@ -7,9 +7,10 @@ For each ``Miss`` in a ``ClassifyBatch`` from a forwarder:
    forwarder that lost the route, or a flow that moved between forwarders),
    unless the packet is a SYN with a new sequence number: a new connection
    reusing the addresses and ports, which is placed anew;
-3. a new connection (SYN without ACK) gets a host from the ``HostSelector``
-   (static weights, or health/load tokens) and is recorded in the session
-   tracker;
+3. a new connection (SYN without ACK) must pass the application's firewall
+   policy (firewall.py; refused: a drop route, claims 33-34), then gets a host
+   from the ``HostSelector`` (static weights, or health/load tokens) and is
+   recorded in the session tracker;
 4. anything else is a mid-flow packet of a flow this classifier does not know
    (it moved here from a dead forwarder or a dead classifier): with a session
    tracker it is *looked up* there and re-plumbed to the host the tracker
@@ -46,6 +47,7 @@ from ..protocol.messages import (
     RoutesRemoved,
 )
 from ..tracker.entry import Entry, flow_key
+from .firewall import Firewall, Verdict
 from .selection import HostSelector, StaticSelector
 
 __all__ = ["MID_FLOW_DROP_TTL", "NO_APP_DROP_TTL", "ClassifierCore", "Lookup"]
@@ -57,6 +59,7 @@ NO_APP_DROP_TTL = 10.0
 @dataclass(slots=True)
 class _Flow:
     host: str
+    app: str
     forwarders: set[str] = field(default_factory=set)
     orphaned: float | None = None
     """When the last forwarder carrying it went away (None while one does)."""
@@ -101,6 +104,7 @@ class ClassifierCore:
             {app: dict(pool) for app, pool in self.pools.items()}
         )
         self.flows: dict[FlowKey, _Flow] = {}
+        self.firewalls = {a.name: Firewall(a.name, a.firewall) for a in config.applications}
         self.counters: Counter[str] = Counter()
         self.placed: Counter[str] = Counter()
         """New flows placed per host."""
@@ -140,7 +144,7 @@ class ClassifierCore:
                 # retransmitted SYN would carry the same sequence number): the old
                 # one is over, and its host may be gone. Place it anew.
                 self.counters["flows_reused"] += 1
-                del self.flows[flow]
+                self._forget(flow)
                 known = None
             if known is not None:
                 self.counters["replumbed_known"] += 1
@@ -151,11 +155,20 @@ class ClassifierCore:
                 routes.append(Route(flow, known.host, self._macs[known.host]))
                 continue
             if opening:
+                firewall = self.firewalls[app.name]
+                if not firewall.trivial:
+                    verdict = firewall.admit(flow.src, flow.dport, now)
+                    if verdict is not Verdict.ALLOWED:
+                        self.counters[f"firewall_{verdict.value}"] += 1
+                        drops.append(DropRoute(flow, app.firewall.drop_ttl))
+                        continue
                 host = self.selector.choose(app.name, now)
                 if host is None:
                     self.counters["no_host"] += 1
+                    if not firewall.trivial:
+                        firewall.closed(flow.src)
                     continue
-                self.flows[flow] = _Flow(host, {peer}, syn_seq=_syn_seq(miss))
+                self.flows[flow] = _Flow(host, app.name, {peer}, syn_seq=_syn_seq(miss))
                 self.placed[host] += 1
                 self.counters["new_flows"] += 1
                 self._record(flow, host, peer)
@@ -186,7 +199,10 @@ class ClassifierCore:
                 continue
             self.counters["replumbed_from_tracker"] += 1
             if known is None:
-                self.flows[flow] = _Flow(host, {lookup.peer})
+                app = self._apps[(flow.dst, flow.dport)]
+                self.flows[flow] = _Flow(host, app.name, {lookup.peer})
+                if not self.firewalls[app.name].trivial:
+                    self.firewalls[app.name].open[flow.src] += 1
             else:
                 known.forwarders.add(lookup.peer)
                 known.orphaned = None
@@ -205,7 +221,7 @@ class ClassifierCore:
                 continue
             entry.forwarders.discard(peer)
             if not entry.forwarders:
-                del self.flows[flow]
+                self._forget(flow)
                 self.counters["flows_forgotten"] += 1
                 if self.use_tracker:
                     self._deletes.append(flow_key(flow))
@@ -224,7 +240,7 @@ class ClassifierCore:
         limit = now - self.config.timers.route_idle_timeout
         stale = [f for f, e in self.flows.items() if e.orphaned is not None and e.orphaned < limit]
         for flow in stale:
-            del self.flows[flow]
+            self._forget(flow)
         self.counters["flows_orphan_expired"] += len(stale)
 
     def change_pool(self, params: dict[str, str]) -> dict[str, int]:
@@ -248,6 +264,15 @@ class ClassifierCore:
         return out
 
     # -- internals -------------------------------------------------------------
+
+    def _forget(self, flow: FlowKey) -> None:
+        entry = self.flows.pop(flow)
+        firewall = self.firewalls[entry.app]
+        if not firewall.trivial:
+            firewall.closed(flow.src)
+
+    def firewall_counts(self) -> dict[str, dict[str, int]]:
+        return {app: fw.counts() for app, fw in self.firewalls.items() if not fw.trivial}
 
     def _record(self, flow: FlowKey, host: str, forwarder: str) -> None:
         if self.use_tracker:

@@ -98,6 +98,7 @@ class ClassifierService:
             "flows": len(self.core.flows),
             "placed": dict(self.core.placed),
             "pools": self.core.pools,
+            "firewall": self.core.firewall_counts(),
             "tracker": self.tracker is not None,
             "health": self.health is not None,
             "counters": self.counters(),

@@ -16,6 +16,22 @@ One ``netdev`` table hooks the LAN interface's ingress:
 - a VIP packet that misses the map is ``fwd``ed unchanged (still addressed to
   the forwarder's own MAC) to the miss TAP, which the core reads.
 
+Miss-path protection (claim 34's concern: a flood must not starve the
+classifier). Before anything reaches the TAP:
+
+- each client address may send at most ``per_source_pps`` packets a second
+  to the miss path (a per-address meter; over it: dropped, ``limited_source``);
+- addresses that are not *trusted* share ``global_pps`` packets a second
+  (over it: dropped, ``limited_global``). An address becomes trusted when one
+  of its packets hits a route that is not a connection-opening SYN, i.e. it
+  completed a handshake through this forwarder (spoofed sources never do), and
+  stays trusted for ``trusted_ttl`` after its last such packet.
+
+So under a flood of spoofed SYNs the classifier sees at most ``global_pps``
+of them, and known clients' new connections are not starved by it. A client
+new to this forwarder competes with the flood for the global budget: its SYN
+may be dropped and retransmitted by TCP.
+
 Frames to the forwarder itself, ARP and non-VIP traffic pass untouched. A map
 lookup miss ends a rule, which is what makes the three VIP rules compose.
 """
@@ -28,6 +44,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..flow import TCP, FlowKey
@@ -35,7 +52,7 @@ from .datapath import Datapath, Deliver
 from .nft import Nft, NftError
 from .tap import close_tap, open_tap, set_up
 
-__all__ = ["KernelDatapath"]
+__all__ = ["KernelDatapath", "MissLimits", "ruleset"]
 
 ETH_P_ALL = 0x0003
 CHUNK = 2000
@@ -54,16 +71,45 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[i : i + size]
 
 
+@dataclass(frozen=True, slots=True)
+class MissLimits:
+    """Miss-path protection (see the module docstring). 0 disables a limit."""
+
+    global_pps: int = 5000
+    per_source_pps: int = 200
+    trusted_ttl: float = 300.0
+
+
 def ruleset(
-    table: str, interface: str, miss_device: str, vips: Sequence[tuple[str, int]], own_mac: bytes
+    table: str,
+    interface: str,
+    miss_device: str,
+    vips: Sequence[tuple[str, int]],
+    own_mac: bytes,
+    limits: MissLimits = MissLimits(),
 ) -> str:
     """The nft text that (re)creates the table atomically."""
     own = mac_str(own_mac)
     key = "ip saddr . tcp sport . ip daddr . tcp dport"
     vip = "meta protocol ip meta l4proto tcp ip daddr . tcp dport @vips"
     route = f"ether daddr set {key} map @routes ether saddr set {own}"
+    opening = "tcp flags & (syn|ack) == syn"
     elements = ", ".join(f"{addr} . {int(port)}" for addr, port in vips)
     vip_elements = f" elements = {{ {elements} }};" if elements else ""
+    trusted_s = max(1, int(limits.trusted_ttl))
+    limit_rules = ""
+    if limits.per_source_pps:
+        p = limits.per_source_pps
+        limit_rules += (
+            f"    {vip} update @misslimit {{ ip saddr limit rate over {p}/second burst {p} "
+            'packets } counter name "limited_source" drop\n'
+        )
+    if limits.global_pps:
+        g = limits.global_pps
+        limit_rules += (
+            f"    {vip} ip saddr != @trusted limit rate over {g}/second burst "
+            f'{max(1, g // 10)} packets counter name "limited_global" drop\n'
+        )
     return f"""table netdev {table}
 delete table netdev {table}
 table netdev {table} {{
@@ -72,17 +118,21 @@ table netdev {table} {{
   counter misses {{ }}
   counter syns {{ }}
   counter drops {{ }}
+  counter limited_source {{ }}
+  counter limited_global {{ }}
   set vips {{ type ipv4_addr . inet_service;{vip_elements} }}
   map routes {{ type ipv4_addr . inet_service . ipv4_addr . inet_service : ether_addr;
     size 1048576; counter; }}
   set drops {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout;
     size 1048576; }}
+  set trusted {{ type ipv4_addr; flags dynamic,timeout; timeout {trusted_s}s; size 262144; }}
+  set misslimit {{ type ipv4_addr; flags dynamic,timeout; timeout 10s; size 262144; }}
   chain ingress {{
     type filter hook ingress device "{interface}" priority 0; policy accept;
     meta protocol ip meta l4proto tcp {key} @drops counter name "drops" drop
-    {vip} tcp flags & (syn|ack) == syn counter name "syns" fwd to "{miss_device}"
     {vip} tcp flags & (fin|rst) != 0 {route} counter name "closes" dup to "{miss_device}" fwd to "{interface}"
-    {vip} {route} counter name "hits" fwd to "{interface}"
+    {vip} tcp flags & (syn|ack) != syn {route} update @trusted {{ ip saddr }} counter name "hits" fwd to "{interface}"
+{limit_rules}    {vip} {opening} counter name "syns" fwd to "{miss_device}"
     {vip} counter name "misses" fwd to "{miss_device}"
   }}
 }}
@@ -95,9 +145,15 @@ class KernelDatapath(Datapath):
     fast_path = True
 
     def __init__(
-        self, interface: str, miss_device: str = "hlmiss0", table: str = "hanlb", chunk: int = CHUNK
+        self,
+        interface: str,
+        miss_device: str = "hlmiss0",
+        table: str = "hanlb",
+        chunk: int = CHUNK,
+        limits: MissLimits = MissLimits(),
     ) -> None:
         self.interface = interface
+        self.limits = limits
         self.miss_device = miss_device
         self.table = table
         self.chunk = chunk
@@ -134,7 +190,9 @@ class KernelDatapath(Datapath):
             sock.bind((self.interface, 0))
             sock.setblocking(False)
             # fwd/dup resolve device names when the rules load: TAP first.
-            nft.run(ruleset(self.table, self.interface, self.miss_device, vips, own_mac))
+            nft.run(
+                ruleset(self.table, self.interface, self.miss_device, vips, own_mac, self.limits)
+            )
         except BaseException:
             if sock is not None:
                 sock.close()
@@ -297,7 +355,15 @@ class KernelDatapath(Datapath):
     def stats(self) -> dict[str, int]:
         """Kernel counters (hits, closes, misses, drops; ``forwarded`` = hits +
         closes) and this process's TAP/transmit counters."""
-        counters = {"hits": 0, "closes": 0, "misses": 0, "syns": 0, "drops": 0}
+        counters = {
+            "hits": 0,
+            "closes": 0,
+            "misses": 0,
+            "syns": 0,
+            "drops": 0,
+            "limited_source": 0,
+            "limited_global": 0,
+        }
         for item in self._list(f"list counters table netdev {self.table}"):
             c = item.get("counter")
             if isinstance(c, dict) and c.get("name") in counters:

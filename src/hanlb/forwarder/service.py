@@ -5,25 +5,29 @@ Frames from the datapath go to the core as they arrive; the work they cause
 pass, so a burst of misses becomes one ``ClassifyBatch`` and its routes one
 datapath install.
 
-Classifier liveness: the forwarder pings its classifier every
-``liveness_interval``; after ``liveness_misses`` intervals without a pong it
-drops the link and moves to the next classifier in its list, re-sending every
-miss it is still holding.
+Classifier liveness (claims 56-58): the forwarder pings its classifier every
+``liveness_interval``; after ``liveness_misses`` intervals without a pong
+(the switch's ``FailureDetector``) it drops the link and moves to the next
+classifier in its preference list (``assign.ClassifierChoice``), re-sending
+every miss it is still holding. While on a fallback it tries the preferred
+classifiers again every ``TAKE_BACK_INTERVAL`` and hands over to the first
+that answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 
 from ..admin import AdminServer, CountersCollector
-from ..config import ClusterConfig
+from ..config import ClusterConfig, ForwarderConfig
 from ..net import Link, LinkClosed, open_link
 from ..protocol.messages import Hello, Ping, Pong
+from ..switch.detector import FailureDetector, PeerSuspected
+from .assign import ClassifierChoice
 from .core import ForwarderCore, Install, InstallDrops, Remove, Transmit
 from .datapath import Datapath, MemoryDatapath
 from .probe import start_probe_responder
@@ -32,16 +36,21 @@ __all__ = ["ForwarderService", "make_datapath"]
 
 log = logging.getLogger("hanlb.forwarder")
 
+TAKE_BACK_INTERVAL = 1.0
+"""Seconds between attempts to return to a more preferred classifier."""
 
-def make_datapath(kind: str, interface: str, miss_device: str) -> Datapath:
+
+def make_datapath(fc: ForwarderConfig) -> Datapath:
+    kind = fc.datapath
     if kind == "kernel":
-        from .kernel import KernelDatapath
+        from .kernel import KernelDatapath, MissLimits
 
-        return KernelDatapath(interface, miss_device)
+        limits = MissLimits(fc.miss_limit, fc.miss_limit_per_source, fc.trusted_ttl)
+        return KernelDatapath(fc.interface, fc.miss_device, limits=limits)
     if kind == "userspace":
         from .userspace import UserspaceDatapath
 
-        return UserspaceDatapath(interface)
+        return UserspaceDatapath(fc.interface)
     return MemoryDatapath()
 
 
@@ -55,9 +64,7 @@ class ForwarderService:
         self.config = config
         self.fc = config.forwarder(name)
         self.name = name
-        self.datapath = datapath or make_datapath(
-            self.fc.datapath, self.fc.interface, self.fc.miss_device
-        )
+        self.datapath = datapath or make_datapath(self.fc)
         self.link: Link | None = None
         self.classifier: str | None = None
         self.net_counters: Counter[str] = Counter()
@@ -206,67 +213,124 @@ class ForwarderService:
     # -- classifier link ---------------------------------------------------------
 
     async def _classifier_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         t = self.config.timers
-        candidates = self.config.classifiers_for(self.name)
-        index = 0
+        endpoints = {c.name: c.endpoint for c in self.config.classifiers_for(self.name)}
+        choice = ClassifierChoice(list(endpoints), t.reconnect_interval)
+        link: Link | None = None
+        name = ""
         while not self._stopping.is_set():
-            cl = candidates[index % len(candidates)]
-            host, port = cl.endpoint
+            if link is None:
+                name = choice.next_candidate(loop.time())
+                await asyncio.sleep(max(0.0, choice.wait_until(name) - loop.time()))
+                link = await self._connect(name, endpoints[name])
+                if link is None:
+                    choice.failed(name, loop.time())
+                    continue
+            choice.succeeded(name)
+            self._attach(link, name)
             try:
-                link = await open_link(
-                    host, port, self.config.key_bytes, self.net_counters, timeout=1.0
-                )
-            except (OSError, TimeoutError):
-                self.net_counters["classifier_connect_failures"] += 1
-                index += 1
-                await asyncio.sleep(t.reconnect_interval)
-                continue
-            loop = asyncio.get_running_loop()
-            link.send(Hello(self.name, "forwarder", self.incarnation))
-            self.link, self.classifier = link, cl.name
-            self.net_counters["classifier_connects"] += 1
-            log.info("forwarder %s: classifier %s", self.name, cl.name)
-            self.core.classifier_changed(loop.time())
-            self._schedule_flush()
-            pinger = asyncio.create_task(self._ping(link))
-            try:
-                await self._read(link)
-            except LinkClosed as exc:
-                log.warning("forwarder %s: classifier %s lost: %s", self.name, cl.name, exc)
+                handover = await self._serve_link(link, name, choice, endpoints)
             finally:
-                pinger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pinger
-                link.close()
                 self.link, self.classifier = None, None
+                link.close()
+            if handover is not None:
+                self.net_counters["classifier_takebacks"] += 1
+                name, link = handover
+                log.info("forwarder %s: back to preferred classifier %s", self.name, name)
+            else:
                 self.net_counters["classifier_losses"] += 1
-            index += 1
+                choice.failed(name, loop.time())
+                link = None
 
-    async def _read(self, link: Link) -> None:
+    async def _connect(self, name: str, endpoint: tuple[str, int]) -> Link | None:
+        try:
+            link = await open_link(*endpoint, self.config.key_bytes, self.net_counters, timeout=1.0)
+        except (OSError, TimeoutError):
+            self.net_counters["classifier_connect_failures"] += 1
+            return None
+        link.send(Hello(self.name, "forwarder", self.incarnation))
+        return link
+
+    def _attach(self, link: Link, name: str) -> None:
+        """Make ``link`` the classifier link and ask it about every held miss."""
+        self.link, self.classifier = link, name
+        self.net_counters["classifier_connects"] += 1
+        log.info("forwarder %s: classifier %s", self.name, name)
+        self.core.classifier_changed(asyncio.get_running_loop().time())
+        self._schedule_flush()
+
+    async def _serve_link(
+        self,
+        link: Link,
+        name: str,
+        choice: ClassifierChoice,
+        endpoints: dict[str, tuple[str, int]],
+    ) -> tuple[str, Link] | None:
+        """Use ``link`` until it dies (None) or a more preferred classifier is
+        reachable again (its name and a new link: the handover)."""
+        t = self.config.timers
+        loop = asyncio.get_running_loop()
+        detector = FailureDetector(t.liveness_interval, t.liveness_misses, 1, loop.time())
+        detector.add_peer(name, loop.time())
+        reader = asyncio.create_task(self._read(link, detector))
+        pinger = asyncio.create_task(self._ping(link, name, detector))
+        taker = asyncio.create_task(self._take_back(name, choice, endpoints))
+        tasks = {reader, pinger, taker}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if taker in done and not taker.cancelled() and taker.exception() is None:
+            return taker.result()
+        if reader in done and not reader.cancelled() and reader.exception() is not None:
+            log.warning("forwarder %s: classifier %s lost: %s", self.name, name, reader.exception())
+        return None
+
+    async def _read(self, link: Link, detector: FailureDetector) -> None:
         loop = asyncio.get_running_loop()
         while True:
             for msg in await link.recv():
                 if isinstance(msg, Pong):
-                    self._last_pong = loop.time()
+                    detector.on_reply(self.classifier or "", msg.seq, loop.time())
                 elif isinstance(msg, Ping):
                     link.send(Pong(msg.seq, msg.sent))
                 else:
                     self.core.on_message(msg, loop.time())
             self._flush()
 
-    async def _ping(self, link: Link) -> None:
-        t = self.config.timers
+    async def _ping(self, link: Link, name: str, detector: FailureDetector) -> None:
+        """Liveness: a Ping every interval; ``misses`` unanswered intervals in a
+        row and the classifier is taken for dead (the link is dropped)."""
         loop = asyncio.get_running_loop()
-        self._last_pong = loop.time()
-        seq = 0
         while True:
-            await asyncio.sleep(t.liveness_interval)
-            if loop.time() - self._last_pong > t.liveness_interval * t.liveness_misses:
+            now = loop.time()
+            detector.handle_timer(now)
+            event = detector.next_event()
+            if isinstance(event, PeerSuspected):
                 self.net_counters["classifier_liveness_timeouts"] += 1
-                link.close()
+                log.warning("forwarder %s: classifier %s stopped answering", self.name, name)
                 return
-            seq += 1
-            try:
-                link.send(Ping(seq, loop.time()))
-            except LinkClosed:
-                return
+            for _, seq in detector.probes_due(now):
+                link.send(Ping(seq, now))
+            when = detector.get_timer()
+            await asyncio.sleep(max(0.0, (when if when is not None else now + 0.05) - now))
+
+    async def _take_back(
+        self, current: str, choice: ClassifierChoice, endpoints: dict[str, tuple[str, int]]
+    ) -> tuple[str, Link]:
+        """While on a fallback classifier, try the more preferred ones again
+        every ``TAKE_BACK_INTERVAL``; returns once one answers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TAKE_BACK_INTERVAL)
+            better = choice.better_than(current, loop.time())
+            if better is None:
+                continue
+            link = await self._connect(better, endpoints[better])
+            if link is None:
+                choice.failed(better, loop.time())
+                continue
+            return better, link

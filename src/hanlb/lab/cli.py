@@ -57,6 +57,12 @@ def lab() -> None:
     type=click.IntRange(0, 9),
     help="L7 request routers, behind a second VIP (10.93.0.2:80, mode http).",
 )
+@click.option(
+    "--router-tls",
+    is_flag=True,
+    help="Routers terminate TLS with a self-signed certificate made at up "
+    "(/run/hanlb/lab/tls/cert.pem); the L7 VIP is then 10.93.0.2:443.",
+)
 @click.option("--weights", default="", help="Pool weights, comma separated, one per host.")
 @click.option(
     "--switch/--no-switch",
@@ -88,6 +94,7 @@ def up(
     handlers: int,
     spare_hosts: int,
     routers: int,
+    router_tls: bool,
     weights: str,
     switch: bool,
     components: bool,
@@ -109,6 +116,7 @@ def up(
             handlers=handlers,
             spare_hosts=spare_hosts,
             routers=routers,
+            router_tls=router_tls,
             weights=parsed,
             switch=switch,
             start_components=components,
@@ -118,9 +126,14 @@ def up(
     except LabError as exc:
         _fail(exc)
         return
+    l7 = ""
+    if routers:
+        l7 = f", {routers} router(s)" + (
+            f" (TLS, cert {built.state['tls']['cert']})" if router_tls else ""
+        )
     click.echo(
         f"lab up: {clients} client(s), {forwarders} forwarder(s), {classifiers} "
-        f"classifier(s), {hosts} host(s), datapath {datapath}; "
+        f"classifier(s), {hosts} host(s){l7}, datapath {datapath}; "
         f"config {built.state['config']}"
     )
 

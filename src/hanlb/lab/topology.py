@@ -15,7 +15,14 @@ inside namespaces this module creates (all named ``hl-*``), nothing touches the 
 namespace's network.
 
 Files: ``/run/hanlb/lab/cluster.toml`` (the cluster config), ``state.json`` (what ``up``
-built and started), ``logs/<name>.log`` (component and httpd output).
+built and started), ``logs/<name>.log`` (component and httpd output), ``tls/cert.pem`` and
+``tls/key.pem`` (with ``router_tls``: the routers' self-signed certificate).
+
+With ``routers=N``, request routers ``rt<k>`` (``hl-rt<k>``, 10.92.0.<60+k>) hold a second
+VIP, 10.93.0.2, on their loopback: the L4 tier spreads it (application ``web-l7``, mode
+http, port 80, or 443 with ``router_tls``) over them, and they proxy to application
+``web`` on the hosts. Each router listens on every address, so it can also be reached
+directly at its LAN address (benchmarks).
 
 Usage::
 
@@ -56,6 +63,8 @@ __all__ = [
     "LOG_DIR",
     "NS_PREFIX",
     "STATE_FILE",
+    "TLS_CERT",
+    "TLS_KEY",
     "VIP",
     "Lab",
     "LabError",
@@ -75,6 +84,12 @@ STATE_FILE = LAB_DIR / "state.json"
 CONFIG_FILE = LAB_DIR / "cluster.toml"
 LOG_DIR = LAB_DIR / "logs"
 SOCK_DIR = LAB_DIR / "sock"
+TLS_DIR = LAB_DIR / "tls"
+TLS_CERT = TLS_DIR / "cert.pem"
+"""The lab routers' self-signed certificate (``router_tls``), made by ``up`` with openssl."""
+TLS_KEY = TLS_DIR / "key.pem"
+TLS_NAME = "hanlb-lab"
+"""The certificate's subject CN (and DNS name); its IP names are the L7 VIP and the routers."""
 NETNS_DIR = Path("/run/netns")
 
 NS_PREFIX = "hl-"
@@ -94,6 +109,7 @@ CLASSIFIER_PORT = 7400
 TRACKER_PORT = 7500
 HANDLER_PORT = 7600
 HTTP_PORT = 80
+HTTPS_PORT = 443
 SINK_PORT = 5001
 APPLICATIONS: tuple[tuple[str, int, str], ...] = (
     ("web", HTTP_PORT, "l4"),
@@ -151,6 +167,14 @@ class LabSpec:
     replication: int = 2
     routers: int = 0
     """L7 request routers (``hl-rt<k>``): hosts of a second VIP, mode http."""
+    router_tls: bool = False
+    """The routers terminate TLS with a self-signed lab certificate (``TLS_CERT``); the L7
+    application and the routers listen on port 443 instead of 80."""
+
+    @property
+    def l7_port(self) -> int:
+        """The port of the L7 application (and the routers' listeners)."""
+        return HTTPS_PORT if self.router_tls else HTTP_PORT
 
     def check(self) -> None:
         for what, n, low, top in (
@@ -171,6 +195,8 @@ class LabSpec:
             raise LabError(f"{len(self.weights)} weights for {self.hosts} hosts")
         if self.trackers and not 1 <= self.replication <= self.trackers:
             raise LabError(f"replication {self.replication} with {self.trackers} trackers")
+        if self.router_tls and not self.routers:
+            raise LabError("router_tls needs routers")
 
 
 def plan(
@@ -394,7 +420,11 @@ def render_config(
         lines += ["[switch]", 'name = "switch"', 'interface = "lan0"', ""]
     l7 = [n for n in nodes if n.role == "l7"]
     if l7:
-        lines += ["[router]", f"default_app = {_toml_str(APPLICATIONS[0][0])}", ""]
+        lines += ["[router]", f"default_app = {_toml_str(APPLICATIONS[0][0])}"]
+        if spec.router_tls:
+            lines += [f"tls_cert = {_toml_str(str(TLS_CERT))}"]
+            lines += [f"tls_key = {_toml_str(str(TLS_KEY))}"]
+        lines += [""]
     host_apps = ", ".join(_toml_str(name) for name, _, _ in APPLICATIONS)
     for h in [*hosts, *l7]:
         lines += [
@@ -428,16 +458,22 @@ def render_config(
             "[[applications]]",
             f"name = {_toml_str(L7_APP)}",
             f"vip = {_toml_str(L7_VIP)}",
-            f"port = {HTTP_PORT}",
+            f"port = {spec.l7_port}",
             'mode = "http"',
             f"pool = [{routers_pool}]",
-            "",
         ]
+        if spec.router_tls:
+            # Host agents probe in plain HTTP: against a TLS listener only a TCP
+            # check can pass.
+            lines += ['health_check = { kind = "tcp" }']
+        lines += [""]
         for r in l7:
+            # Every address: VIP traffic arrives on the VIP (on lo), and a benchmark can
+            # reach one router at its own LAN address.
             lines += [
                 "[[routers]]",
                 f"name = {_toml_str(r.name)}",
-                f"listen = {_toml_str(f'{L7_VIP}:{HTTP_PORT}')}",
+                f"listen = {_toml_str(f'0.0.0.0:{spec.l7_port}')}",
                 "",
             ]
     for n in nodes:
@@ -464,6 +500,39 @@ def render_config(
                     "",
                 ]
     return "\n".join(lines)
+
+
+def _make_certificate(nodes: Sequence[Node]) -> None:
+    """A self-signed certificate and key for the routers (``TLS_CERT``, ``TLS_KEY``), valid
+    for ``TLS_NAME``, the L7 VIP and every router's LAN address; made with ``openssl``."""
+    if shutil.which("openssl") is None:
+        raise LabError("router_tls needs 'openssl' on PATH")
+    TLS_DIR.mkdir(parents=True, exist_ok=True)
+    names = [f"DNS:{TLS_NAME}", f"IP:{L7_VIP}"]
+    names += [f"IP:{n.address}" for n in nodes if n.role == "l7"]
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            f"/CN={TLS_NAME}",
+            "-addext",
+            f"subjectAltName={','.join(names)}",
+            "-keyout",
+            str(TLS_KEY),
+            "-out",
+            str(TLS_CERT),
+        ]
+    )
+    TLS_KEY.chmod(0o600)
 
 
 def _write_config(text: str) -> None:
@@ -631,7 +700,8 @@ class Lab:
         """Tear down any previous lab, build a new one, start httpds (and components).
 
         Keywords are the fields of :class:`LabSpec` (clients, forwarders, classifiers,
-        hosts, datapath, trackers, handlers, spare_hosts, weights, switch, replication).
+        hosts, datapath, trackers, handlers, spare_hosts, weights, switch, replication,
+        routers, router_tls).
         """
         if "weights" in sizes:
             sizes["weights"] = tuple(sizes["weights"] or ())
@@ -656,6 +726,8 @@ class Lab:
             LAB_DIR.mkdir(parents=True, exist_ok=True)
             LOG_DIR.mkdir(parents=True, exist_ok=True)
             SOCK_DIR.mkdir(parents=True, exist_ok=True)
+            if spec.router_tls:
+                _make_certificate(nodes)
             _write_config(render_config(nodes, spec.datapath, secrets.token_hex(16), spec))
             _build_network(spec, nodes)
             lab = cls(cls._initial_state(spec, nodes))
@@ -729,6 +801,11 @@ class Lab:
                 "routers": len(by_role["l7"]),
                 "switch": spec.switch,
             },
+            "tls": (
+                {"cert": str(TLS_CERT), "key": str(TLS_KEY), "name": TLS_NAME}
+                if spec.router_tls
+                else None
+            ),
             "datapath": datapath,
             "config": str(CONFIG_FILE),
             "lan": LAN_NS,
@@ -748,7 +825,7 @@ class Lab:
                 for name, port, mode in APPLICATIONS
             ]
             + (
-                [{"address": L7_VIP, "port": HTTP_PORT, "mode": "http", "application": L7_APP}]
+                [{"address": L7_VIP, "port": spec.l7_port, "mode": "http", "application": L7_APP}]
                 if by_role["l7"]
                 else []
             ),

@@ -107,7 +107,13 @@ class Router:
         self.default_app = settings.default_app or config.applications[0].name
         self.pools: dict[tuple[str, int], HostPool] = {}
         self.app_pools: dict[str, dict[str, HostPool]] = {}
+        # Pools only for the applications requests can be routed to: the others (L4
+        # applications such as a byte sink, or the routers' own VIP application, whose
+        # pool is the routers themselves) must not get pre-established connections.
+        routed = {self.default_app, *(r.app for r in settings.rules)}
         for app in config.applications:
+            if app.name not in routed:
+                continue
             port = settings.backend_ports.get(app.name, app.port)
             by_host: dict[str, HostPool] = {}
             for m in app.pool:
