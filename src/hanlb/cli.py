@@ -17,6 +17,7 @@ import click
 from . import admin
 from .config import ClusterConfig, ConfigError, load_config
 from .lab.cli import lab
+from .lab.demo import demo as lab_demo
 
 ROLES = ("forwarder", "classifier", "switch", "tracker", "handler", "agent", "router")
 LAB_CONFIG = "/run/hanlb/lab/cluster.toml"
@@ -29,6 +30,7 @@ def main() -> None:
 
 
 main.add_command(lab)
+lab.add_command(lab_demo)
 
 
 def _load(path: str) -> ClusterConfig:
