@@ -281,13 +281,14 @@ class ForwarderConfig(_Model):
     """Optional ADDRESS:PORT for the admin HTTP endpoint (a unix socket is always served)."""
     probe_port: Port = 7401
     """UDP port where the forwarder answers the LB-aware switch's liveness probes."""
-    miss_limit: Annotated[int, Field(ge=0)] = 5000
+    miss_limit: Annotated[int, Field(ge=0)] = 500
     """Packets per second the kernel datapath lets through to the miss path from
-    client addresses that have not completed a handshake recently (0: no limit).
-    Over it, such packets are dropped in the kernel and counted."""
-    miss_limit_per_source: Annotated[int, Field(ge=0)] = 200
-    """Packets per second any one client address may send to the miss path
-    (0: no limit)."""
+    all client addresses that have not completed a handshake through this
+    forwarder recently (0: no limit). Over it, such packets are dropped in the
+    kernel and counted; TCP retransmits a legitimate SYN."""
+    miss_limit_per_source: Annotated[int, Field(ge=0)] = 50
+    """Packets per second one such untrusted client address may send to the
+    miss path (0: no limit)."""
     trusted_ttl: Seconds = 300.0
     """A client address that completed a handshake through this forwarder is
     exempt from ``miss_limit`` for this long after its last routed packet."""

@@ -19,13 +19,15 @@ One ``netdev`` table hooks the LAN interface's ingress:
 Miss-path protection (claim 34's concern: a flood must not starve the
 classifier). Before anything reaches the TAP:
 
-- each client address may send at most ``per_source_pps`` packets a second
+- an address becomes *trusted* when one of its packets hits a route and is
+  not a connection-opening SYN, i.e. it completed a handshake through this
+  forwarder (spoofed sources never do); it stays trusted for ``trusted_ttl``
+  after its last such packet. Trusted addresses are not limited here (the
+  classifier's firewall policy limits each address's new connections);
+- each untrusted address may send at most ``per_source_pps`` packets a second
   to the miss path (a per-address meter; over it: dropped, ``limited_source``);
-- addresses that are not *trusted* share ``global_pps`` packets a second
-  (over it: dropped, ``limited_global``). An address becomes trusted when one
-  of its packets hits a route that is not a connection-opening SYN, i.e. it
-  completed a handshake through this forwarder (spoofed sources never do), and
-  stays trusted for ``trusted_ttl`` after its last such packet.
+- all untrusted addresses together share ``global_pps`` packets a second
+  (over it: dropped, ``limited_global``).
 
 So under a flood of spoofed SYNs the classifier sees at most ``global_pps``
 of them, and known clients' new connections are not starved by it. A client
@@ -75,8 +77,8 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
 class MissLimits:
     """Miss-path protection (see the module docstring). 0 disables a limit."""
 
-    global_pps: int = 5000
-    per_source_pps: int = 200
+    global_pps: int = 500
+    per_source_pps: int = 50
     trusted_ttl: float = 300.0
 
 
@@ -101,8 +103,9 @@ def ruleset(
     if limits.per_source_pps:
         p = limits.per_source_pps
         limit_rules += (
-            f"    {vip} update @misslimit {{ ip saddr limit rate over {p}/second burst {p} "
-            'packets } counter name "limited_source" drop\n'
+            f"    {vip} ip saddr != @trusted update @misslimit "
+            f"{{ ip saddr limit rate over {p}/second burst {p} packets }} "
+            'counter name "limited_source" drop\n'
         )
     if limits.global_pps:
         g = limits.global_pps
