@@ -1,6 +1,6 @@
 """Failure detection time of the health and load cores, on a fake clock.
 
-Run: ``.venv/bin/python bench/health_core.py [--trials N] [--seed S] [--latency SECONDS]``.
+Run: ``.venv/bin/python bench/health.py [--trials N] [--seed S] [--latency SECONDS]``.
 
 The real ``AgentCore``, ``HandlerCore`` and allotment code run in
 ``hanlb.health.sim`` (an in-memory network with a fixed one-way latency).

@@ -4,7 +4,7 @@ The sans-I/O cores (``AgentCore``, ``HandlerCore``, ``TokenSelector``) are
 wired through an in-memory network with a fixed one-way ``latency``; probes
 answer after ``probe_latency`` (a refused connection) or after the health
 check's timeout (a hung application). Nothing reads a real clock, so tests
-and ``bench/health_core.py`` can measure detection times exactly and fast.
+and ``bench/health.py`` can measure detection times exactly and fast.
 
 Peers are named the way ``HandlerService`` names them: ``agent:<host>`` for
 a host's agent and ``classifier:<node>`` for a subscriber.
