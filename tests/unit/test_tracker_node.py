@@ -157,3 +157,16 @@ def test_peer_messages_from_clients_are_refused() -> None:
     n = node(members=("t1", "t2"))
     n.on_message("c#1", Replicate(0, [entry(1)]), 0.0, WALL)
     assert n.entries == {} and n.counters["messages_unexpected"] == 1
+
+
+def test_unacknowledged_deletes_keep_no_state_in_the_client() -> None:
+    from hanlb.tracker.client import TrackerClientCore
+    from hanlb.tracker.messages import ACK_NONE, Delete
+
+    client = TrackerClientCore(["tr1", "tr2"], timeout=1.0, suspect_for=1.0)
+    client.node_up("tr1", 0.0)
+    client.node_up("tr2", 0.0)
+    client.delete(["f|6|10.0.0.1|1000|10.93.0.1|80"], ACK_NONE, now=0.0)
+    out = client.messages()
+    assert len(out) == 1 and isinstance(out[0][1], Delete) and out[0][1].ack == ACK_NONE
+    assert not client._ops  # nothing waits for an answer that never comes

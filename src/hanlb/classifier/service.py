@@ -122,18 +122,14 @@ class ClassifierService:
         if self.tracker is None:
             return
         writes, deletes = self.core.tracker_writes()
+        # Deletes first, in order on the same links: a flow that ended and a new
+        # connection reusing its 4-tuple in one batch must end up inserted.
+        if deletes:
+            self.tracker.delete_nowait(deletes)
         if writes:
             self.tracker.insert_nowait(writes)
-        if deletes:
-            self._spawn(self._delete(deletes))
         for lookup in self.core.lookups():
             self._spawn(self._lookup(lookup, link))
-
-    async def _delete(self, keys: list[str]) -> None:
-        assert self.tracker is not None
-        from ..tracker.messages import ACK_ONE
-
-        await self.tracker.delete(keys, ACK_ONE)
 
     async def _lookup(self, lookup: Lookup, link: Link) -> None:
         assert self.tracker is not None

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,8 +111,9 @@ def allot_tokens(total: int, candidates: Sequence[Candidate]) -> list[int]:
     so the tokens add up to exactly ``T`` (largest-remainder rounding), an
     endpoint that is down or has weight 0 gets 0, and if no endpoint is up
     every endpoint gets 0. "Up" means the host's heartbeats are current and its
-    agent reports the endpoint up; ``weight_i`` is the weight the host
-    publishes in its table. Active connections are reported but take no part:
+    agent reports the endpoint up; ``weight_i`` is the endpoint's weight in the
+    pool the handler holds (the configuration's, changed at run time by
+    ``hanlb ctl pool``). Active connections are reported but take no part:
     without a capacity per endpoint a count is not a fraction of anything.
     All arithmetic is on integers, so the result is exact and deterministic.
     """
@@ -190,6 +192,7 @@ class HandlerCore:
         pools: dict[str, dict[str, int]],
         settings: HealthSettings,
         now: float,
+        first_allotment_id: int = 1,
     ) -> None:
         self.name = name
         self.pools = pools
@@ -206,15 +209,20 @@ class HandlerCore:
         self._deferred: dict[str, set[str]] = {}
         self._pending: dict[int, tuple[str, bool]] = {}  # req_id -> (host, whole)
         self._next_req = 1
-        self._next_allotment = 1
+        # Allotment ids grow across restarts (they start from the wall clock in
+        # milliseconds), so a subscriber that saw this handler's earlier life
+        # does not take a restarted handler's allotments for stale ones.
+        self._next_allotment = first_allotment_id
         self._health: dict[str, tuple[str, ...]] = {app: () for app in pools}
         self._out: list[tuple[str, object]] = []
         self._events: list[HandlerEvent] = []
 
     @classmethod
-    def from_config(cls, config: ClusterConfig, name: str, now: float) -> HandlerCore:
+    def from_config(
+        cls, config: ClusterConfig, name: str, now: float, first_allotment_id: int = 1
+    ) -> HandlerCore:
         pools = {a.name: {m.host: m.weight for m in a.pool} for a in config.applications}
-        return cls(name, pools, config.health, now)
+        return cls(name, pools, config.health, now, first_allotment_id)
 
     # -- inputs ----------------------------------------------------------------------
 
@@ -480,7 +488,9 @@ class HandlerService:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.core = HandlerCore.from_config(self.config, self.name, loop.time())
+        self.core = HandlerCore.from_config(
+            self.config, self.name, loop.time(), first_allotment_id=int(time.time() * 1000)
+        )
         admin = AdminServer(self.config.cluster.run_dir, self.name, self.node.admin)
         admin.routes["/status"] = self.status
         admin.routes["/hosts"] = lambda: self.core.hosts_view(loop.time())

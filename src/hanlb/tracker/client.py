@@ -206,6 +206,12 @@ class TrackerClientCore:
     def delete(self, keys: Sequence[str], ack: int = ACK_ALL, *, now: float) -> int:
         op_id = next(self._ids)
         op = _Op("write", ack)
+        if ack == ACK_NONE:
+            unique = list(dict.fromkeys(keys))
+            self.counters["deletes_unacknowledged"] += len(unique)
+            for node, group in self._group(unique, op, now).items():
+                self._out.append((node, Delete(0, group, ACK_NONE)))
+            return op_id
         self._ops[op_id] = op
         self._send(op_id, op, list(dict.fromkeys(keys)), now, None)
         return op_id
@@ -383,6 +389,13 @@ class AsyncTrackerClient:
         """Fire and forget (ACK_NONE); see the module docstring for the window of loss."""
         self._start_tasks()
         self.core.insert(entries, ACK_NONE, now=self._now())
+        self._flush()
+
+    def delete_nowait(self, keys: Sequence[str]) -> None:
+        """Fire and forget (ACK_NONE). Sent at once, so it keeps its order with
+        ``insert_nowait`` calls made before and after it."""
+        self._start_tasks()
+        self.core.delete(keys, ACK_NONE, now=self._now())
         self._flush()
 
     async def delete(self, keys: Sequence[str], ack: int = ACK_ALL) -> list[str]:
