@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PKGS := nftables ethtool iproute2 curl procps haproxy
+APT_PKGS := nftables ethtool iproute2 curl procps haproxy wrk openssl
 # Commands those packages provide; a missing one triggers the apt-get install.
-APT_CMDS := nft ethtool ip curl pkill haproxy
+APT_CMDS := nft ethtool ip curl pkill haproxy wrk openssl
 
 .PHONY: all deps apt venv lint test unit lab-test demo bench clean lab-down
 

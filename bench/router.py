@@ -156,7 +156,7 @@ def haproxy_config(listen: str, backends: list[tuple[str, str]]) -> str:
     servers = "\n".join(f"    server {name} {addr}:80" for name, addr in backends)
     return f"""global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 
 defaults
     mode http

@@ -167,6 +167,9 @@ class LabSpec:
     replication: int = 2
     routers: int = 0
     """L7 request routers (``hl-rt<k>``): hosts of a second VIP, mode http."""
+    firewall: str = ""
+    """The ``web`` application's firewall policy as an inline TOML table, e.g.
+    ``{ rules = [{ action = "deny", source = "10.91.2.0/24" }] }``."""
     router_tls: bool = False
     """The routers terminate TLS with a self-signed lab certificate (``TLS_CERT``); the L7
     application and the routers listen on port 443 instead of 80."""
@@ -451,6 +454,8 @@ def render_config(
         ]
         if port == SINK_PORT:  # the sink speaks no HTTP: check that it accepts
             lines += ['health_check = { kind = "tcp" }']
+        if spec.firewall and name == APPLICATIONS[0][0]:
+            lines += [f"firewall = {spec.firewall}"]
         lines += [""]
     if l7:
         routers_pool = ", ".join(f"{{ host = {_toml_str(r.name)}, weight = 1 }}" for r in l7)

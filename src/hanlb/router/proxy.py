@@ -46,10 +46,14 @@ from .http import (
     ResponseReader,
     chunk,
     error_response,
+    header_value,
     hop_by_hop_names,
     render_head,
 )
 from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool
+
+PROBE_AGENT = b"hanlb-agent"
+"""User-Agent of host agents' health probes (health/agent.py)."""
 
 __all__ = ["IDEMPOTENT", "ClientConnection", "Router", "tls_session_key"]
 
@@ -578,7 +582,14 @@ class ClientConnection:
                 out_headers.append((b"Transfer-Encoding", b"chunked"))
             else:
                 client_keep = False
-        if s.affinity and cookie is None:
+        if (
+            s.affinity
+            and cookie is None
+            and 200 <= rhead.status < 400
+            and header_value(head.headers, b"user-agent") != PROBE_AGENT
+        ):
+            # A session starts with a successful answer to a client; health
+            # probes and errors start none (each would be a tracker entry).
             new_id = secrets.token_urlsafe(18)
             self.router.affinity.record(self.router.affinity.key("http-cookie", new_id), pool.host)
             attrs = "; Path=/; HttpOnly"
