@@ -18,11 +18,9 @@ __all__ = ["HostSelector", "SmoothWeightedRoundRobin", "StaticSelector"]
 class HostSelector(Protocol):
     def choose(self, app: str, now: float) -> str | None:
         """A host for a new flow of ``app``, or None if none can take it."""
-        ...
 
     def set_pool(self, app: str, weights: dict[str, int]) -> None:
         """Replace ``app``'s pool (host -> weight)."""
-        ...
 
 
 class SmoothWeightedRoundRobin:
