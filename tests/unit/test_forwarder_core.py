@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hanlb.flow import ACK, FIN, SYN, FlowKey, mac_bytes
-from hanlb.forwarder.core import ForwarderCore, Install, Remove, RouteState, Transmit
+from hanlb.forwarder.core import ForwarderCore, Install, Remove, RouteState, Transmit, Trust
 from hanlb.protocol.messages import (
     AddRoutes,
     ClassifyBatch,
@@ -91,7 +91,9 @@ def test_fin_copy_starts_linger_then_route_is_removed() -> None:
     # kernel datapath: the copy of a forwarded FIN carries the host's MAC
     core.on_frame(frame(flags=FIN | ACK, dst_mac=HOST), now=1.0)
     assert core.routes[flow()].state is RouteState.CLOSING
-    assert core.actions() == []  # the kernel forwarded it already
+    # the kernel forwarded it already; the client closed a real connection, so
+    # its address is trusted on the miss path (once a minute at most)
+    assert core.actions() == [Trust(["10.91.1.2"])]
     core.handle_timer(now=2.5)
     assert flow() in core.routes
     core.handle_timer(now=3.5)

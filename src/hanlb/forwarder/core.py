@@ -115,7 +115,17 @@ class Transmit:
     frame: bytes
 
 
-Action = Install | Remove | InstallDrops | Transmit
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """Client addresses that closed a routed connection with a FIN."""
+
+    sources: list[str]
+
+
+Action = Install | Remove | InstallDrops | Transmit | Trust
+
+TRUST_REFRESH = 60.0
+"""An address is re-trusted in the datapath at most this often."""
 
 
 class ForwarderCore:
@@ -147,6 +157,8 @@ class ForwarderCore:
         self._misses: list[Miss] = []
         self._removed: dict[str, list[FlowKey]] = {}
         self._actions: list[Action] = []
+        self._trusted: dict[str, float] = {}
+        self._trust: list[str] = []
         self._out: list[object] = []
         self._next_sweep = now + sweep_interval
 
@@ -177,6 +189,9 @@ class ForwarderCore:
             self.counters["close_copies"] += 1
             if route is not None and closing:
                 self._start_closing(route, now)
+                if pkt.flags & FIN and self._trusted.get(flow.src, 0.0) <= now:
+                    self._trusted[flow.src] = now + TRUST_REFRESH
+                    self._trust.append(flow.src)
             return
         if route is not None:
             # userspace hit, or a kernel miss that raced the install
@@ -284,6 +299,8 @@ class ForwarderCore:
         self._remove(idle, "idle")
         for f in [f for f, t in self.drops.items() if t <= now]:
             del self.drops[f]
+        for a in [a for a, t in self._trusted.items() if t <= now]:
+            del self._trusted[a]
 
     def get_timer(self) -> float:
         soonest = self._next_sweep
@@ -295,6 +312,9 @@ class ForwarderCore:
 
     def actions(self) -> list[Action]:
         out, self._actions = self._actions, []
+        if self._trust:
+            out.append(Trust(self._trust))
+            self._trust = []
         return out
 
     def messages(self) -> list[object]:

@@ -63,6 +63,11 @@ class Datapath(abc.ABC):
     def close(self) -> None:
         """Remove everything the datapath made (rules, devices, sockets)."""
 
+    def trust(self, sources: Sequence[str]) -> None:
+        """Client addresses that completed a connection: exempt them from the
+        miss-path flood limits (kernel datapath). Others ignore it."""
+        return
+
     def stats(self) -> dict[str, int]:
         """Datapath counters for status pages (kernel: packets forwarded in-kernel)."""
         return {}
