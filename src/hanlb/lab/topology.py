@@ -220,6 +220,7 @@ def plan(
         trackers=trackers,
         handlers=handlers,
         routers=routers,
+        replication=1,  # sizes only; Lab.up checks the replication factor
     ).check()
     nodes = [Node("router", ROUTER_NS, "router", ROUTER_ADDRESS, ROUTER_MAC)]
     for k in range(1, forwarders + 1):
