@@ -23,6 +23,7 @@ __all__ = [
     "BadPacket",
     "FlowKey",
     "Packet",
+    "internet_checksum",
     "parse_frame",
     "rewrite_macs",
     "tcp_checksum_fix",
@@ -126,7 +127,8 @@ def rewrite_macs(frame: bytes, src_mac: bytes, dst_mac: bytes) -> bytes:
     return dst_mac + src_mac + frame[12:]
 
 
-def _csum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
+    """The ones'-complement sum of RFC 1071 (IPv4 header, TCP)."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -147,6 +149,6 @@ def tcp_checksum_fix(frame: bytes) -> bytes:
     seg = bytearray(frame[t : 14 + total])
     seg[16:18] = b"\0\0"
     pseudo = frame[26:34] + struct.pack("!BBH", 0, TCP, len(seg))
-    c = _csum(pseudo + bytes(seg))
+    c = internet_checksum(pseudo + bytes(seg))
     seg[16:18] = struct.pack("!H", c)
     return frame[:t] + bytes(seg) + frame[14 + total :]

@@ -23,27 +23,20 @@ import socket
 import struct
 import time
 
+from ..flow import internet_checksum
+
 __all__ = ["build_syn", "flood"]
 
 LAB_VIPS = ipaddress.IPv4Network("10.93.0.0/24")
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def build_syn(src: bytes, sport: int, dst: bytes, dport: int, seq: int) -> bytes:
     """An IPv4 packet carrying a TCP SYN, checksums filled in."""
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
-    csum = _checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
+    csum = internet_checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
     tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return ip + tcp
 
 
