@@ -96,7 +96,9 @@ class Timers(_Model):
 class HealthCheck(_Model):
     """How a host agent probes one application endpoint."""
 
-    kind: Literal["http", "tcp"] = "http"
+    kind: Literal["http", "https", "tcp"] = "http"
+    """``http``/``https``: GET ``path``, expect ``expect_status`` (https does not
+    verify the certificate); ``tcp``: the port accepts a connection."""
     path: str = "/health"
     expect_status: Annotated[int, Field(ge=100, le=599)] = 200
     interval: Seconds = 0.2

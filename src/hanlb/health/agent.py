@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import re
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -297,8 +298,16 @@ _XLOAD = re.compile(rb"^x-load:\s*([0-9.]+)\s*$", re.IGNORECASE | re.MULTILINE)
 async def probe_http(address: str, port: int, check: HealthCheck) -> ProbeResult:
     """GET ``check.path``; passes if the status is ``check.expect_status`` within the timeout."""
 
+    tls = None
+    if check.kind == "https":
+        # The check proves the application answers over TLS; it does not judge
+        # the certificate (a host's own certificate may name only the VIP).
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+
     async def run() -> ProbeResult:
-        reader, writer = await asyncio.open_connection(address, port)
+        reader, writer = await asyncio.open_connection(address, port, ssl=tls)
         try:
             writer.write(
                 f"GET {check.path} HTTP/1.0\r\nHost: {address}\r\n"
@@ -325,7 +334,7 @@ async def probe_http(address: str, port: int, check: HealthCheck) -> ProbeResult
     except TimeoutError:
         return ProbeResult(False, detail="timeout")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        return ProbeResult(False, detail=type(exc).__name__)
+        return ProbeResult(False, detail=type(exc).__name__)  # ssl.SSLError is an OSError
 
 
 async def probe_tcp(address: str, port: int, check: HealthCheck) -> ProbeResult:
@@ -547,7 +556,7 @@ class AgentService:
     async def _probe(self, app: str) -> None:
         spec = self.apps[app]
         check = spec.health_check
-        if check.kind == "http":
+        if check.kind in ("http", "https"):
             result = await probe_http(self.probe_address or spec.vip, spec.port, check)
         else:
             result = await probe_tcp(self.probe_address or spec.vip, spec.port, check)

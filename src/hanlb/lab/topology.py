@@ -469,9 +469,7 @@ def render_config(
             f"pool = [{routers_pool}]",
         ]
         if spec.router_tls:
-            # Host agents probe in plain HTTP: against a TLS listener only a TCP
-            # check can pass.
-            lines += ['health_check = { kind = "tcp" }']
+            lines += ['health_check = { kind = "https" }']
         lines += [""]
         for r in l7:
             # Every address: VIP traffic arrives on the VIP (on lo), and a benchmark can
