@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import Counter
 
 from .protocol.framing import ProtocolError, Rejected
 from .protocol.messages import Connection
 
-__all__ = ["Link", "LinkClosed", "open_link"]
+__all__ = ["Link", "LinkClosed", "accept_link", "open_link"]
 
 READ_SIZE = 256 * 1024
 
@@ -83,13 +84,27 @@ class Link:
             self.writer.close()
 
 
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 async def open_link(
     host: str, port: int, key: bytes, counters: Counter[str], timeout: float
 ) -> Link:
+    """Connect to a peer (control messages are small: no Nagle delay)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        import socket
+    _nodelay(writer)
+    return Link(reader, writer, key, counters)
 
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+def accept_link(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    key: bytes,
+    counters: Counter[str],
+) -> Link:
+    """A ``Link`` for a connection a server accepted (no Nagle delay either)."""
+    _nodelay(writer)
     return Link(reader, writer, key, counters)

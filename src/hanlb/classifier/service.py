@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
 
 from ..admin import AdminServer, CountersCollector
 from ..config import ClusterConfig
-from ..net import Link, LinkClosed
+from ..net import Link, LinkClosed, accept_link
 from ..protocol.messages import Hello, Ping, Pong
 from .core import ClassifierCore, Lookup
 from .selection import HostSelector
@@ -151,10 +150,7 @@ class ClassifierService:
     # -- forwarders ---------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = Link(reader, writer, self.config.key_bytes, self.net_counters)
+        link = accept_link(reader, writer, self.config.key_bytes, self.net_counters)
         loop = asyncio.get_running_loop()
         peer: str | None = None
         try:

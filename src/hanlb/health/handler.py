@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 
 from ..admin import AdminServer, CountersCollector
 from ..config import ClusterConfig, HealthSettings, pool_change
-from ..net import Link, LinkClosed
+from ..net import Link, LinkClosed, accept_link
 from ..protocol.messages import Hello, Ping, Pong
 from .messages import (
     GetTableSnapshot,
@@ -568,10 +567,7 @@ class HandlerService:
         self._arm()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = Link(reader, writer, self.config.key_bytes, self.net_counters)
+        link = accept_link(reader, writer, self.config.key_bytes, self.net_counters)
         loop = asyncio.get_running_loop()
         peer: str | None = None
         try:

@@ -20,13 +20,12 @@ import contextlib
 import itertools
 import logging
 import os
-import socket
 import time
 from collections import Counter
 
 from ..admin import AdminServer, CountersCollector
 from ..config import ClusterConfig
-from ..net import Link, LinkClosed, open_link
+from ..net import Link, LinkClosed, accept_link, open_link
 from ..protocol.messages import Hello
 from .node import EntriesPurged, HandedOff, PeerDown, PeerUp, TrackerNode
 
@@ -129,11 +128,8 @@ class TrackerService:
     # -- connections ---------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         core = self._core()
-        link = Link(reader, writer, self.config.key_bytes, self.net_counters)
+        link = accept_link(reader, writer, self.config.key_bytes, self.net_counters)
         src: str | None = None
         peer = False
         try:
