@@ -42,6 +42,7 @@ __all__ = [
     "ResponseHead",
     "ResponseReader",
     "chunk",
+    "connection_names",
     "error_response",
     "header_value",
     "hop_by_hop_names",
@@ -127,6 +128,12 @@ class RequestHead:
     expect_continue: bool = False
     upgrade: bool = False
     """The client asked for a protocol upgrade; it is not done, the request is served as is."""
+    connection: frozenset[bytes] = frozenset()
+    """The names the Connection header lists, lower case."""
+    user_agent: bytes | None = None
+    """The first User-Agent value."""
+    cookies: tuple[bytes, ...] = ()
+    """The Cookie header values, in order."""
 
     @property
     def has_body(self) -> bool:
@@ -143,6 +150,8 @@ class ResponseHead:
     length: int = 0
     keep_alive: bool = True
     extra: dict[str, bytes] = field(default_factory=dict)
+    connection: frozenset[bytes] = frozenset()
+    """The names the Connection header lists, lower case."""
 
 
 def header_value(headers: Headers, name: bytes) -> bytes | None:
@@ -160,6 +169,16 @@ def hop_by_hop_names(headers: Headers) -> set[bytes]:
         if k.lower() == b"connection":
             names.update(t.strip().lower() for t in v.split(b",") if t.strip())
     return names
+
+
+_NO_NAMES: Final[frozenset[bytes]] = frozenset()
+
+
+def connection_names(values: list[bytes]) -> frozenset[bytes]:
+    """The names the Connection header values list, lower case."""
+    if not values:
+        return _NO_NAMES
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
 
 def render_head(start_line: bytes, headers: Headers) -> bytes:
@@ -294,18 +313,27 @@ class RequestReader:
         hosts: list[bytes] = []
         expect: bytes | None = None
         upgrade = False
+        connection: list[bytes] = []
+        cookies: list[bytes] = []
+        user_agent: bytes | None = None
         for k, v in headers:
             lk = k.lower()
-            if lk == b"content-length":
+            if lk == b"host":
+                hosts.append(v)
+            elif lk == b"content-length":
                 lengths.append(v.strip())
             elif lk == b"transfer-encoding":
                 te.append(v)
-            elif lk == b"host":
-                hosts.append(v)
             elif lk == b"expect":
                 expect = v.strip().lower()
             elif lk == b"upgrade":
                 upgrade = True
+            elif lk == b"connection":
+                connection.append(v)
+            elif lk == b"cookie":
+                cookies.append(v)
+            elif lk == b"user-agent" and user_agent is None:
+                user_agent = v
             if b"\x00" in v:
                 raise HttpError(400, "NUL in a header value")
         if te:
@@ -368,6 +396,9 @@ class RequestReader:
                 path,
                 expect_continue,
                 upgrade,
+                connection_names(connection),
+                user_agent,
+                tuple(cookies),
             )
         )
 
@@ -401,6 +432,8 @@ class ResponseReader:
         self.events: deque[ResponseHead | bytes | End] = deque()
         self._parser = httptools.HttpResponseParser(self)
         self._fresh = True
+        self._clean = False
+        """The parser ended a keep-alive response itself: it can parse the next one."""
         self._method = "GET"
         self._status = 0
         self._reason = b""
@@ -412,7 +445,7 @@ class ResponseReader:
         self.bytes_seen = 0
 
     def start(self, method: str) -> None:
-        if not self._fresh:
+        if not self._fresh and not self._clean:
             self._parser = httptools.HttpResponseParser(self)
         self._fresh = True
         self._method = method
@@ -446,7 +479,7 @@ class ResponseReader:
     # -- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._fresh = False
+        self._fresh = self._clean = False
         self._headers = []
         self._reason = b""
 
@@ -465,8 +498,18 @@ class ResponseReader:
             return  # 1xx: informational, dropped (the router answers 100 itself)
         framing: Framing
         length = 0
-        te = header_value(self._headers, b"transfer-encoding")
-        cl = [v for k, v in self._headers if k.lower() == b"content-length"]
+        te: bytes | None = None
+        cl: list[bytes] = []
+        connection: list[bytes] = []
+        for k, v in self._headers:
+            lk = k.lower()
+            if lk == b"content-length":
+                cl.append(v)
+            elif lk == b"transfer-encoding":
+                if te is None:
+                    te = v
+            elif lk == b"connection":
+                connection.append(v)
         if self._method == "HEAD" or status in (204, 304):
             framing = "none"
             if cl:
@@ -481,7 +524,14 @@ class ResponseReader:
         self._framing = framing
         keep = p.should_keep_alive() and framing != "close"
         self.head = ResponseHead(
-            status, self._reason, p.get_http_version(), self._headers, framing, length, keep
+            status,
+            self._reason,
+            p.get_http_version(),
+            self._headers,
+            framing,
+            length,
+            keep,
+            connection=connection_names(connection),
         )
         self.events.append(self.head)
         if self._method == "HEAD":
@@ -497,7 +547,9 @@ class ResponseReader:
     def on_message_complete(self) -> None:
         if self._status < 200 or self.done:
             return
-        self._finish(self._parser.should_keep_alive() and self._framing != "close")
+        keep = self._parser.should_keep_alive() and self._framing != "close"
+        self._clean = keep
+        self._finish(keep)
 
     def _finish(self, keep: bool) -> None:
         self.done = True

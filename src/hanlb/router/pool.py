@@ -19,12 +19,206 @@ import contextlib
 import socket
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any
 
 from .http import ResponseReader
 
-__all__ = ["BackendConn", "ConnectFailed", "HostPool", "PoolKeeper"]
+__all__ = ["BackendConn", "ConnectFailed", "HostPool", "PoolKeeper", "Stream"]
 
 READ_SIZE = 256 * 1024
+
+
+class Stream(asyncio.Protocol):
+    """One TCP (or TLS) connection: a lean stand-in for a StreamReader/StreamWriter pair.
+
+    ``read`` behaves as ``StreamReader.read`` (an error the connection was lost
+    with comes first, then buffered bytes, then b"" at EOF) with a timeout of its
+    own (``TimeoutError``): one timer per connection, moved lazily, instead of a
+    timer and a cancel scope per read. Reading pauses while more than
+    ``2 * limit`` bytes wait to be read, as with ``StreamReader``.
+    """
+
+    def __init__(self, limit: int = READ_SIZE) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._limit = limit
+        self._buf = bytearray()
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._lost = False
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._over_ssl = False
+        self._loop = self.loop = asyncio.get_event_loop()
+
+    # -- protocol callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._over_ssl = transport.get_extra_info("sslcontext") is not None
+
+    def data_received(self, data: bytes) -> None:
+        w = self._waiter
+        if w is not None and not self._buf:
+            self._waiter = None
+            if not w.done():
+                w.set_result(data)
+                return
+        self._buf += data
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(b"")  # wake up; read() takes the buffer
+        if not self._paused and len(self._buf) > 2 * self._limit:
+            assert self.transport is not None
+            try:
+                self.transport.pause_reading()
+            except NotImplementedError:
+                pass
+            else:
+                self._paused = True
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return not self._over_ssl  # keep the writing side open, as StreamReaderProtocol
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if exc is None:
+            self._eof = True
+        else:
+            self._exc = exc
+        self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        d = self._drain_waiter
+        if d is not None:
+            self._drain_waiter = None
+            if not d.done():
+                if exc is None:
+                    d.set_result(None)
+                else:
+                    d.set_exception(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        d = self._drain_waiter
+        if d is not None:
+            self._drain_waiter = None
+            if not d.done():
+                d.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(b"")
+
+    # -- reading ------------------------------------------------------------------------
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    async def read(self, n: int, timeout: float | None = None) -> bytes:
+        """Up to ``n`` bytes; b"" at EOF; ``TimeoutError`` after ``timeout`` seconds."""
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            buf = self._buf
+            if buf:
+                if len(buf) <= n:
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                if self._paused and len(buf) <= self._limit:
+                    self._paused = False
+                    assert self.transport is not None
+                    self.transport.resume_reading()
+                return data
+            if self._eof:
+                return b""
+            if self._waiter is not None:
+                raise RuntimeError("read() called while another coroutine is already waiting")
+            loop = self._loop
+            w = self._waiter = loop.create_future()
+            if timeout is not None:
+                self._deadline = deadline = loop.time() + timeout
+                if self._timer is None or self._timer_at > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer_at = deadline
+                    self._timer = loop.call_at(deadline, self._on_timer)
+            else:
+                self._deadline = 0.0
+            try:
+                data = await w
+            finally:
+                self._waiter = None
+            if data:
+                if len(data) <= n:
+                    return data
+                self._buf[:0] = data[n:]
+                return data[:n]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        w = self._waiter
+        if w is None or w.done() or not self._deadline:
+            return
+        if self._loop.time() >= self._deadline:
+            self._waiter = None
+            w.set_exception(TimeoutError())
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def buffered(self) -> int:
+        """Bytes written and not sent yet."""
+        assert self.transport is not None
+        return self.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        if self._exc is not None:
+            raise self._exc
+        if self._lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._write_paused:
+            return
+        d = self._drain_waiter = self._loop.create_future()
+        await d
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        if self.transport is None:
+            return default
+        return self.transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
 
 
 class ConnectFailed(ConnectionError):
@@ -33,19 +227,18 @@ class ConnectFailed(ConnectionError):
 
 @dataclass(slots=True)
 class BackendConn:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    stream: Stream
     pool: HostPool
     idle_since: float
     requests: int = 0
     parser: ResponseReader | None = None
 
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        return not self.stream.is_closing() and not self.stream.at_eof()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.stream.close()
 
 
 class HostPool:
@@ -88,8 +281,8 @@ class HostPool:
         loop = asyncio.get_running_loop()
         self.connecting += 1
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.address, self.port, limit=READ_SIZE),
+            _, stream = await asyncio.wait_for(
+                loop.create_connection(Stream, self.address, self.port),
                 self.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
@@ -98,14 +291,27 @@ class HostPool:
             raise ConnectFailed(f"{self.label}: {exc or type(exc).__name__}") from exc
         finally:
             self.connecting -= 1
-        sock = writer.get_extra_info("socket")
+        sock: Any = stream.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.down_until = 0.0
         self.opened += 1
         self.counters["backend_connects"] += 1
-        return BackendConn(reader, writer, self, loop.time())
+        return BackendConn(stream, self, loop.time())
+
+    def take(self) -> BackendConn | None:
+        """An idle pooled connection, or None (then ``acquire`` connects)."""
+        while self.idle:
+            conn = self.idle.pop()  # most recently used: least likely timed out
+            if conn.usable():
+                self.busy += 1
+                self.reused += 1
+                if len(self.idle) < self.min_idle:
+                    self.changed.set()
+                return conn
+            self._discard(conn)
+        return None
 
     async def acquire(self) -> BackendConn:
         """An idle pooled connection, or a new one (``ConnectFailed``)."""
@@ -128,7 +334,7 @@ class HostPool:
         self.busy -= 1
         conn.requests += 1
         if reusable and conn.usable() and len(self.idle) < self.max_idle:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.stream.loop.time()
             self.idle.append(conn)
         else:
             self._discard(conn)

@@ -22,8 +22,10 @@ host: 503. No response head within ``backend_response_timeout``: 504.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
+import os
 import re
 import secrets
 from collections import Counter
@@ -36,6 +38,7 @@ from ..tracker.entry import session_key
 from .affinity import AffinityTable
 from .config import HeaderRule, RouterSettings
 from .http import (
+    HOP_BY_HOP,
     LAST_CHUNK,
     BackendProtocolError,
     End,
@@ -46,11 +49,8 @@ from .http import (
     ResponseReader,
     chunk,
     error_response,
-    header_value,
-    hop_by_hop_names,
-    render_head,
 )
-from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool
+from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool, Stream
 
 PROBE_AGENT = b"hanlb-agent"
 """User-Agent of host agents' health probes (health/agent.py)."""
@@ -61,6 +61,9 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 256 * 1024
 _AFFINITY_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _FORWARD_DROP = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"expect", b"content-length"})
+
+
+_RESPONSES = {n: f"responses_{n}xx" for n in range(1, 6)}
 
 
 class ClientGone(ConnectionError):
@@ -141,6 +144,41 @@ class Router:
         self.header_rules: dict[str, list[HeaderRule]] = {
             a: [r for r in settings.header_rules if r.app in ("*", a)] for a in self.apps
         }
+        # Per application: the request / response header names always dropped, and the
+        # rendered header lines its rules set.
+        self.request_drop: dict[str, frozenset[bytes]] = {}
+        self.request_set: dict[str, bytes] = {}
+        self.response_drop: dict[str, frozenset[bytes]] = {}
+        self.response_set: dict[str, bytes] = {}
+        for a, rules in self.header_rules.items():
+            rq = set(HOP_BY_HOP) | _FORWARD_DROP
+            rs = set(HOP_BY_HOP)
+            for r in rules:
+                rq.update(n.lower().encode() for n in r.request_remove)
+                rq.update(n.lower().encode() for n in r.request_set)
+                rs.update(n.lower().encode() for n in r.response_remove)
+                rs.update(n.lower().encode() for n in r.response_set)
+            self.request_drop[a] = frozenset(rq)
+            self.response_drop[a] = frozenset(rs)
+            self.request_set[a] = b"".join(
+                b"%b: %b\r\n" % (n.encode(), v.encode())
+                for r in rules
+                for n, v in r.request_set.items()
+            )
+            self.response_set[a] = b"".join(
+                b"%b: %b\r\n" % (n.encode(), v.encode())
+                for r in rules
+                for n, v in r.response_set.items()
+            )
+        self.proto_line = b"X-Forwarded-Proto: " + self.proto + b"\r\n"
+        self.app_cookie = settings.app_cookie.encode() if settings.app_cookie is not None else None
+        self.cookie_start = f"Set-Cookie: {settings.affinity_cookie}=".encode()
+        attrs = "; Path=/; HttpOnly"
+        if tls:
+            attrs += "; Secure"
+        if settings.affinity_max_age is not None:
+            attrs += f"; Max-Age={settings.affinity_max_age}"
+        self.cookie_attrs = attrs.encode() + b"\r\n"
         self._rid_prefix = secrets.token_hex(6)
         self._rid = itertools.count(1)
         self.connections: set[ClientConnection] = set()
@@ -182,11 +220,10 @@ class Router:
         return f"{self._rid_prefix}-{next(self._rid):x}".encode()
 
 
-def _cookies(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _cookies(values: tuple[bytes, ...]) -> dict[str, str]:
+    """The cookies of a request's Cookie header ``values``: the first value of each name."""
     out: dict[str, str] = {}
-    for k, v in headers:
-        if k.lower() != b"cookie":
-            continue
+    for v in values:
         for part in v.decode("latin-1").split(";"):
             name, sep, value = part.strip().partition("=")
             if sep and name not in out:
@@ -200,26 +237,25 @@ class ClientConnection:
     def __init__(
         self,
         router: Router,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: Stream,
     ) -> None:
         self.router = router
         self.settings = router.settings
         self.counters = router.counters
-        self.reader = reader
-        self.writer = writer
+        self.stream = self.writer = stream
+        self.loop = stream.loop
         s = self.settings
         self.parser = RequestReader(
             max_header_bytes=s.max_header_bytes,
             max_headers=s.max_headers,
             max_body_bytes=s.max_body_bytes,
         )
-        peer = writer.get_extra_info("peername")
+        peer = stream.get_extra_info("peername")
         self.client_ip = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
         self.eof = False
         self.tls_key: str | None = None
         self.tls_recorded = False
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = stream.get_extra_info("ssl_object")
         if ssl_object is not None and s.tls_session_affinity:
             self.tls_key = tls_session_key(ssl_object)
         self.response_started = False
@@ -268,8 +304,7 @@ class ClientConnection:
             if self.eof:
                 raise ClientGone("client closed")
             try:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(READ_SIZE)
+                data = await self.stream.read(READ_SIZE, timeout)
             except TimeoutError:
                 raise ClientTimeout() from None
             if data:
@@ -284,7 +319,7 @@ class ClientConnection:
 
     async def _read_head(self) -> RequestHead | None:
         s = self.settings
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline: float | None = None
         while True:
             if self.parser.events:
@@ -300,8 +335,7 @@ class ClientConnection:
             if timeout <= 0:
                 raise ClientTimeout()
             try:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(READ_SIZE)
+                data = await self.stream.read(READ_SIZE, timeout)
             except TimeoutError:
                 raise ClientTimeout() from None
             except (ConnectionError, OSError):
@@ -334,10 +368,14 @@ class ClientConnection:
 
     async def _handle(self, head: RequestHead) -> bool:
         router = self.router
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.counters["requests"] += 1
         app = router.route(head)
-        choice = await self._affinity(head, app, loop.time())
+        choice = (
+            await self._affinity(head, app, loop.time())
+            if self.settings.affinity and (head.cookies or self.tls_key is not None)
+            else None  # nothing to look up
+        )
         tried: set[str] = set()
         sent_once = False
         continued = False
@@ -359,7 +397,7 @@ class ClientConnection:
                 return await self._answer(head, 503, "no host available")
             tried.add(pool.host)
             try:
-                conn = await pool.acquire()
+                conn = pool.take() or await pool.acquire()
             except ConnectFailed:
                 connect_failed = True
                 self.counters["backend_connect_retries"] += 1
@@ -405,7 +443,7 @@ class ClientConnection:
         if not s.affinity:
             return None
         aff = router.affinity
-        cookies = _cookies(head.headers)
+        cookies = _cookies(head.cookies) if head.cookies else {}
         value = cookies.get(s.affinity_cookie)
         if value is not None and _AFFINITY_ID.match(value):
             host = await aff.lookup(aff.key("http-cookie", value))
@@ -428,15 +466,12 @@ class ClientConnection:
 
     def _request_bytes(self, head: RequestHead, app: str, pool: HostPool) -> bytes:
         router = self.router
-        drop = hop_by_hop_names(head.headers)
-        drop |= _FORWARD_DROP
-        rules = router.header_rules[app]
-        for r in rules:
-            drop.update(n.lower().encode() for n in r.request_remove)
-            drop.update(n.lower().encode() for n in r.request_set)
+        drop = router.request_drop[app]
+        if head.connection and not head.connection <= drop:
+            drop = drop | head.connection
         xff: list[bytes] = []
         has_rid = False
-        out: list[tuple[bytes, bytes]] = []
+        parts = [head.method.encode(), b" ", head.target, b" HTTP/1.1\r\n"]
         for k, v in head.headers:
             lk = k.lower()
             if lk == b"x-forwarded-for":
@@ -444,22 +479,24 @@ class ClientConnection:
             elif lk == b"x-request-id":
                 has_rid = True
             if lk not in drop:
-                out.append((k, v))
+                parts += (k, b": ", v, b"\r\n")
         if not head.host:  # HTTP/1.0 without Host: HTTP/1.1 to the backend needs one
-            out.append((b"Host", f"{pool.address}:{pool.port}".encode()))
-        xff.append(self.client_ip)
-        out.append((b"X-Forwarded-For", b", ".join(x for x in xff if x)))
-        out.append((b"X-Forwarded-Proto", router.proto))
+            parts.append(f"Host: {pool.address}:{pool.port}\r\n".encode())
+        if xff:
+            xff.append(self.client_ip)
+            parts += (b"X-Forwarded-For: ", b", ".join(x for x in xff if x), b"\r\n")
+        else:
+            parts += (b"X-Forwarded-For: ", self.client_ip, b"\r\n")
+        parts.append(router.proto_line)
         if not has_rid:
-            out.append((b"X-Request-Id", router.request_id()))
-        for r in rules:
-            out.extend((n.encode(), v.encode()) for n, v in r.request_set.items())
+            parts += (b"X-Request-Id: ", router.request_id(), b"\r\n")
+        parts.append(router.request_set[app])
         if head.framing == "chunked":
-            out.append((b"Transfer-Encoding", b"chunked"))
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         elif head.framing == "length":
-            out.append((b"Content-Length", str(head.length).encode()))
-        line = b"%b %b HTTP/1.1" % (head.method.encode(), head.target)
-        return render_head(line, out)
+            parts.append(b"Content-Length: %d\r\n" % head.length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     async def _exchange(
         self,
@@ -476,7 +513,7 @@ class ClientConnection:
         rparser.bytes_seen = 0
         upload: asyncio.Task[None] | None = None
         try:
-            conn.writer.write(self._request_bytes(head, app, pool))
+            conn.stream.write(self._request_bytes(head, app, pool))
         except (ConnectionError, OSError) as exc:
             raise BackendFailed(str(exc), True) from exc
         if head.has_body:
@@ -495,8 +532,7 @@ class ClientConnection:
         events = rparser.events
         while not events:
             try:
-                async with asyncio.timeout(self.settings.backend_response_timeout):
-                    data = await conn.reader.read(READ_SIZE)
+                data = await conn.stream.read(READ_SIZE, self.settings.backend_response_timeout)
             except TimeoutError:
                 self._check_upload(upload)
                 raise BackendFailed("timeout", rparser.bytes_seen == 0, timeout=True) from None
@@ -522,7 +558,7 @@ class ClientConnection:
 
     async def _upload(self, conn: BackendConn, chunked: bool) -> None:
         timeout = self.settings.client_idle_timeout
-        writer = conn.writer
+        writer = conn.stream
         try:
             while True:
                 ev = await self._client_event(timeout)
@@ -533,7 +569,7 @@ class ClientConnection:
                 if not isinstance(ev, bytes) or not ev:
                     continue
                 writer.write(chunk(ev) if chunked else ev)
-                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                if writer.buffered() > HIGH_WATER:
                     await writer.drain()
         except (HttpError, ClientTimeout, ClientGone) as exc:
             conn.close()
@@ -557,61 +593,54 @@ class ClientConnection:
         rhead = ev
         client_keep = head.keep_alive
         chunked_out = False
-        out_headers: list[tuple[bytes, bytes]] = []
-        drop = hop_by_hop_names(rhead.headers)
-        rules = self.router.header_rules[app]
-        for r in rules:
-            drop.update(n.lower().encode() for n in r.response_remove)
-            drop.update(n.lower().encode() for n in r.response_set)
+        router = self.router
+        drop = router.response_drop[app]
+        if rhead.connection and not rhead.connection <= drop:
+            drop = drop | rhead.connection
         s = self.settings
-        app_cookie = s.app_cookie.encode() if s.app_cookie is not None else None
+        app_cookie = router.app_cookie
+        status = rhead.status
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, rhead.reason or b"-")]
+        strip_length = rhead.framing in ("chunked", "close")
         for k, v in rhead.headers:
             lk = k.lower()
             if lk in drop:
                 continue
-            if rhead.framing in ("chunked", "close") and lk == b"content-length":
+            if strip_length and lk == b"content-length":
                 continue
             if app_cookie is not None and lk == b"set-cookie":
                 self._note_app_cookie(app_cookie, v, pool.host)
-            out_headers.append((k, v))
-        for r in rules:
-            out_headers.extend((n.encode(), v.encode()) for n, v in r.response_set.items())
-        if rhead.framing in ("chunked", "close"):
+            parts += (k, b": ", v, b"\r\n")
+        parts.append(router.response_set[app])
+        if strip_length:
             if head.version == "1.1":
                 chunked_out = True
-                out_headers.append((b"Transfer-Encoding", b"chunked"))
+                parts.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 client_keep = False
-        if (
-            s.affinity
-            and cookie is None
-            and 200 <= rhead.status < 400
-            and header_value(head.headers, b"user-agent") != PROBE_AGENT
-        ):
+        if s.affinity and cookie is None and 200 <= status < 400 and head.user_agent != PROBE_AGENT:
             # A session starts with a successful answer to a client; health
             # probes and errors start none (each would be a tracker entry).
-            new_id = secrets.token_urlsafe(18)
-            self.router.affinity.record(self.router.affinity.key("http-cookie", new_id), pool.host)
-            attrs = "; Path=/; HttpOnly"
-            if self.router.tls:
-                attrs += "; Secure"
-            if s.affinity_max_age is not None:
-                attrs += f"; Max-Age={s.affinity_max_age}"
-            out_headers.append((b"Set-Cookie", f"{s.affinity_cookie}={new_id}{attrs}".encode()))
+            new_id = _token()
+            router.affinity.record(router.affinity.key("http-cookie", new_id), pool.host)
+            parts += (router.cookie_start, new_id.encode(), router.cookie_attrs)
         if self.tls_key is not None and not self.tls_recorded:
             self.tls_recorded = True
-            self.router.affinity.record(self.tls_key, pool.host)
+            router.affinity.record(self.tls_key, pool.host)
         if upload is not None and not upload.done():
             # Responding before the whole body arrived: the rest of it cannot be
             # told from a next request unless we read it, so close after.
             client_keep = False
         if not client_keep:
-            out_headers.append((b"Connection", b"close"))
+            parts.append(b"Connection: close\r\n")
         elif head.version == "1.0":
-            out_headers.append((b"Connection", b"keep-alive"))
-        status_line = b"HTTP/1.1 %d %b" % (rhead.status, rhead.reason or b"-")
-        buf = [render_head(status_line, out_headers)]
-        self.counters[f"responses_{rhead.status // 100}xx"] += 1
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        buf = [b"".join(parts)]
+        key = _RESPONSES.get(status // 100)
+        if key is None:
+            key = f"responses_{status // 100}xx"
+        self.counters[key] += 1
         self.response_started = True
         writer = self.writer
         events = rparser.events
@@ -628,7 +657,7 @@ class ClientConnection:
             if buf:
                 writer.write(b"".join(buf))
                 buf = []
-                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                if writer.buffered() > HIGH_WATER:
                     await writer.drain()
             ev = await self._backend_event(conn, rparser, upload)
             events.appendleft(ev)
@@ -654,7 +683,7 @@ class ClientConnection:
                     await upload
                 reusable = client_keep = False
         pool.release(conn, reusable)
-        if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+        if self.writer.buffered() > HIGH_WATER:
             await self.writer.drain()
         return client_keep
 
@@ -692,6 +721,19 @@ class _ClientAbort(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+_RANDOM = bytearray()
+os.register_at_fork(after_in_child=_RANDOM.clear)
+
+
+def _token() -> str:
+    """``secrets.token_urlsafe(18)``, from ``os.urandom`` read in bulk (one syscall per 512)."""
+    if not _RANDOM:
+        _RANDOM.extend(os.urandom(18 * 512))
+    raw = bytes(_RANDOM[-18:])
+    del _RANDOM[-18:]
+    return base64.urlsafe_b64encode(raw).decode("ascii")  # 18 bytes: 24 characters, no "="
 
 
 def _app_cookie_key(name: str, value: str) -> str | None:

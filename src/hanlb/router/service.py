@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import Counter
 from typing import Any
@@ -28,7 +29,7 @@ from ..health.tokens import TokenSelector
 from ..tracker.client import AsyncTrackerClient
 from .affinity import AffinityTable
 from .config import RouterSettings, router_nodes, router_settings
-from .pool import PoolKeeper
+from .pool import PoolKeeper, Stream
 from .proxy import ClientConnection, Router
 
 __all__ = ["RouterService", "main", "tls_context"]
@@ -41,6 +42,25 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+class _ClientStream(Stream):
+    """A client connection: its ``ClientConnection`` starts when the connection does."""
+
+    def __init__(self, router: Router, tasks: set[asyncio.Task[None]]) -> None:
+        super().__init__(256 * 1024)
+        self._router = router
+        self._tasks = tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock: Any = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.get_running_loop().create_task(ClientConnection(self._router, self).serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 class RouterService:
@@ -113,6 +133,7 @@ class RouterService:
         """Set once the pools are filled and the listener is up."""
         self.address: tuple[str, int] | None = None
         self._stopping = asyncio.Event()
+        self._serving: set[asyncio.Task[None]] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -139,14 +160,13 @@ class RouterService:
                 )
             tasks.append(asyncio.create_task(self.keeper.run()))
             host, port = self.node.endpoint
-            server = await asyncio.start_server(
-                self._serve,
+            server = await asyncio.get_running_loop().create_server(
+                self._client_stream,
                 host,
                 port,
                 ssl=self.ssl,
                 reuse_address=True,
                 backlog=1024,
-                limit=256 * 1024,
             )
             sock = server.sockets[0].getsockname()
             self.address = (str(sock[0]), int(sock[1]))
@@ -173,14 +193,8 @@ class RouterService:
                 self.tracker.close()
             self.ready.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            import socket
-
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await ClientConnection(self.router, reader, writer).serve()
+    def _client_stream(self) -> Stream:
+        return _ClientStream(self.router, self._serving)
 
     # -- admin ---------------------------------------------------------------------------
 
