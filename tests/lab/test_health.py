@@ -129,28 +129,31 @@ def test_handler_dies_and_a_fresh_one_rebuilds(lab_factory: LabFactory) -> None:
     lab.wait_ready()
     wait_plumbed(lab)
     wait_allotments()
+    wait_for(lambda: ctl("cl1")["handler"], 10, "classifier on a handler")
+    used = ctl("cl1")["handler"]
     before = ctl("cl1")["counters"].get("health_handler_connects", 0)
 
     thread, out = background_load(lab, duration=6, concurrency=4, timeout=5)
     time.sleep(1.5)
-    lab.kill("hd1")
+    lab.kill(used)  # the handler the classifier gets its allotments from
     thread.join(60)
     result = out[0]
     assert result["failed"] == 0, result["errors"]
     assert set(result["served_by"]) == {"h1", "h2", "h3", "h4"}
     counters = ctl("cl1")["counters"]
-    assert counters.get("health_handler_connects", 0) > before  # moved to hd2
+    assert counters.get("health_handler_connects", 0) > before  # moved to the other
+    assert ctl("cl1")["handler"] not in (None, used)
     assert counters.get("no_host", 0) == 0
 
     # A fresh, empty handler: its cache equals every agent's own table within
     # 3 heartbeat intervals of its start (measured from its admin socket's
     # first answer, i.e. once the process is up).
-    lab.start("hd1")
-    wait_for(lambda: ctl("hd1"), 20, "hd1 answers")
+    lab.start(used)
+    wait_for(lambda: ctl(used), 20, f"{used} answers")
     up_at = time.monotonic()
 
     def in_sync() -> bool:
-        view = ctl("hd1", "/hosts")
+        view = ctl(used, "/hosts")
         for host in ("h1", "h2", "h3", "h4"):
             agent = ctl(f"{host}-agent")
             if view.get(host, {}).get("checksum") != agent["checksum"]:

@@ -100,6 +100,7 @@ class ClassifierService:
             "firewall": self.core.firewall_counts(),
             "tracker": self.tracker is not None,
             "health": self.health is not None,
+            "handler": self.health.handler if self.health is not None else None,
             "counters": self.counters(),
         }
 
