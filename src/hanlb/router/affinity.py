@@ -105,10 +105,14 @@ class AffinityTable:
             self.counters["affinity_tracker_inserts"] += 1
 
     def _put(self, key: str, host: str) -> None:
-        self._cache[key] = host
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        cache = self._cache
+        if key in cache:
+            cache[key] = host
+            cache.move_to_end(key)
+        else:
+            cache[key] = host  # a new key goes last
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._cache)

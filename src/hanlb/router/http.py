@@ -23,6 +23,7 @@ trailers are dropped).
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -174,10 +175,20 @@ def hop_by_hop_names(headers: Headers) -> set[bytes]:
 _NO_NAMES: Final[frozenset[bytes]] = frozenset()
 
 
+_CONNECTION_NAMES: dict[bytes, frozenset[bytes]] = {}
+
+
 def connection_names(values: list[bytes]) -> frozenset[bytes]:
     """The names the Connection header values list, lower case."""
     if not values:
         return _NO_NAMES
+    if len(values) == 1:  # mostly "keep-alive" or "close": remembered
+        names = _CONNECTION_NAMES.get(values[0])
+        if names is None:
+            names = frozenset(t.strip().lower() for t in values[0].split(b",") if t.strip())
+            if len(_CONNECTION_NAMES) < 256:
+                _CONNECTION_NAMES[values[0]] = names
+        return names
     return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
 
@@ -203,6 +214,15 @@ def error_response(status: int, detail: str = "", *, close: bool = True) -> byte
         "\r\n"
     )
     return head.encode() + body
+
+
+_METHODS: dict[bytes, str] = {}
+"""Request methods seen, decoded."""
+_HOSTS: dict[bytes, str] = {}
+"""Host header values seen and the host name each gives (``_host_of``)."""
+
+_BAD_TARGET: Final = re.compile(rb"[\x00-\x20\x7f]")
+"""A request target byte that is a control character or a space."""
 
 
 def _host_of(value: bytes) -> str:
@@ -300,7 +320,12 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         p = self._parser
-        method = p.get_method().decode("ascii", "replace")
+        raw_method = p.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii", "replace")
+            if len(_METHODS) < 64:
+                _METHODS[raw_method] = method
         version = p.get_http_version()
         if version not in ("1.0", "1.1"):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
@@ -360,7 +385,13 @@ class RequestReader:
             raise HttpError(501, "CONNECT is not supported")
         if not target:
             raise HttpError(400, "empty request target")
-        host = _host_of(hosts[0]) if hosts else ""
+        host = ""
+        if hosts:
+            host = _HOSTS.get(hosts[0], "")
+            if not host:
+                host = _host_of(hosts[0])
+                if len(_HOSTS) < 1024:
+                    _HOSTS[hosts[0]] = host
         path_bytes = target
         if not target.startswith(b"/"):
             if target == b"*" and method == "OPTIONS":
@@ -374,7 +405,7 @@ class RequestReader:
                     raise HttpError(400, "bad request target")
                 host = url.host.decode("latin-1").lower()
                 path_bytes = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        if any(c < 0x21 or c == 0x7F for c in path_bytes):
+        if _BAD_TARGET.search(path_bytes) is not None:
             raise HttpError(400, "bad request target")
         path = path_bytes.split(b"?", 1)[0].decode("latin-1")
         expect_continue = False

@@ -18,14 +18,19 @@ import asyncio
 import contextlib
 import socket
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .http import ResponseReader
 
-__all__ = ["BackendConn", "ConnectFailed", "HostPool", "PoolKeeper", "Stream"]
+__all__ = ["BackendConn", "ConnectFailed", "HostPool", "Kick", "PoolKeeper", "Stream"]
 
 READ_SIZE = 256 * 1024
+
+
+class Kick(Exception):
+    """Raised by ``Stream.read`` when ``kick`` woke it: the reader's owner has work for it."""
 
 
 class Stream(asyncio.Protocol):
@@ -54,6 +59,8 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._over_ssl = False
         self._loop = self.loop = asyncio.get_event_loop()
+        self.hook: Callable[[bytes | None], None] | None = None
+        """When set, received data goes to it instead of the buffer; None: EOF or loss."""
 
     # -- protocol callbacks ---------------------------------------------------------------
 
@@ -62,6 +69,10 @@ class Stream(asyncio.Protocol):
         self._over_ssl = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
+        hook = self.hook
+        if hook is not None:
+            hook(data)
+            return
         w = self._waiter
         if w is not None and not self._buf:
             self._waiter = None
@@ -85,6 +96,7 @@ class Stream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        self._unhook()
         return not self._over_ssl  # keep the writing side open, as StreamReaderProtocol
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,6 +117,13 @@ class Stream(asyncio.Protocol):
                     d.set_result(None)
                 else:
                     d.set_exception(exc)
+        self._unhook()
+
+    def _unhook(self) -> None:
+        hook = self.hook
+        if hook is not None:
+            self.hook = None
+            hook(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -123,6 +142,37 @@ class Stream(asyncio.Protocol):
             self._waiter = None
             if not w.done():
                 w.set_result(b"")
+
+    def has_data(self) -> bool:
+        """Bytes are buffered for ``read``."""
+        return bool(self._buf)
+
+    def waiting(self) -> bool:
+        """A ``read`` is suspended waiting for data."""
+        w = self._waiter
+        return w is not None and not w.done()
+
+    def kick(self) -> bool:
+        """Make a suspended ``read`` raise ``Kick``; False if none is suspended."""
+        w = self._waiter
+        if w is None or w.done():
+            return False
+        self._waiter = None
+        w.set_exception(Kick())
+        return True
+
+    def push(self, data: bytes) -> None:
+        """Buffer ``data`` for ``read`` without waking it."""
+        self._buf += data
+
+    def set_deadline(self, deadline: float) -> None:
+        """Move the timeout of the suspended ``read`` to ``deadline`` (loop time)."""
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from ..tracker.entry import session_key
 from .affinity import AffinityTable
 from .config import HeaderRule, RouterSettings
 from .http import (
+    END,
     HOP_BY_HOP,
     LAST_CHUNK,
     BackendProtocolError,
@@ -50,7 +51,7 @@ from .http import (
     chunk,
     error_response,
 )
-from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool, Stream
+from .pool import READ_SIZE, BackendConn, ConnectFailed, HostPool, Kick, Stream
 
 PROBE_AGENT = b"hanlb-agent"
 """User-Agent of host agents' health probes (health/agent.py)."""
@@ -81,6 +82,26 @@ class BackendFailed(Exception):
         super().__init__(detail)
         self.before_response = before_response
         self.timeout = timeout
+
+
+class _Wake:
+    """``_read_head`` was woken for work the fast path left to the coroutine."""
+
+
+_WAKE = _Wake()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request the fast path sent, whose response the backend hook is awaiting."""
+
+    head: RequestHead
+    app: str
+    pool: HostPool
+    conn: BackendConn
+    cookie: str | None
+    deadline: float
+    error: BackendProtocolError | None = None
 
 
 @dataclass(slots=True)
@@ -179,7 +200,11 @@ class Router:
         if settings.affinity_max_age is not None:
             attrs += f"; Max-Age={settings.affinity_max_age}"
         self.cookie_attrs = attrs.encode() + b"\r\n"
+        self.cookie_key = affinity.key("http-cookie", "")
+        """``affinity.key("http-cookie", id)`` is this + id (ids are short and plain)."""
         self._rid_prefix = secrets.token_hex(6)
+        self._rid_head = b"X-Request-Id: " + self._rid_prefix.encode() + b"-%x\r\n"
+        self.status_lines: dict[tuple[int, bytes], bytes] = {}
         self._rid = itertools.count(1)
         self.connections: set[ClientConnection] = set()
 
@@ -259,6 +284,15 @@ class ClientConnection:
         if ssl_object is not None and s.tls_session_affinity:
             self.tls_key = tls_session_key(ssl_object)
         self.response_started = False
+        # The fast path: a simple request (whole, no body, keep-alive) that arrives while
+        # the coroutine waits for the next request is sent from the client's data
+        # callback, and its response, when whole, answered from the backend's: the
+        # coroutine does not wake. Anything else goes back to the coroutine.
+        self._idle_wait = False
+        """The coroutine is suspended in ``_read_head``'s read, between requests."""
+        self._pending: _Pending | None = None
+        self._handoff: tuple[RequestHead, str, HostPool | None, str | None] | None = None
+        self._drain_due = False
 
     # -- the connection's life ------------------------------------------------------------
 
@@ -267,22 +301,34 @@ class ClientConnection:
         self.counters["client_connections"] += 1
         try:
             while True:
+                outcome: RequestHead | _Wake | HttpError | ClientTimeout | None
                 try:
-                    head = await self._read_head()
-                except HttpError as err:
+                    outcome = await self._read_head()
+                except (HttpError, ClientTimeout) as exc:
+                    outcome = exc
+                if self._pending is not None or self._handoff is not None or self._drain_due:
+                    was_pending = self._pending is not None
+                    if not await self._catch_up():
+                        break
+                    if outcome is _WAKE or (was_pending and isinstance(outcome, ClientTimeout)):
+                        continue  # the timeout was the backend's
+                if isinstance(outcome, HttpError):
+                    err = outcome
                     self.counters[f"client_errors_{err.status}"] += 1
                     self.writer.write(error_response(err.status, err.reason))
                     break
-                except ClientTimeout:
+                if isinstance(outcome, ClientTimeout):
                     if self.parser.in_message:
                         self.counters["client_errors_408"] += 1
                         self.writer.write(error_response(408))
                     else:
                         self.counters["client_idle_closes"] += 1
                     break
-                if head is None:
+                if outcome is None:
                     break
-                if not await self._handle(head):
+                if isinstance(outcome, _Wake):
+                    continue
+                if not await self._handle(outcome):
                     break
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.drain()
@@ -317,7 +363,24 @@ class ClientConnection:
             raise ev
         return ev
 
-    async def _read_head(self) -> RequestHead | None:
+    async def _catch_up(self) -> bool:
+        """Finish what the fast path left to the coroutine; False: close the connection."""
+        handoff = self._handoff
+        if handoff is not None:
+            self._handoff = None
+            head, app, pool, cookie = handoff
+            return await self._handle(head, pre=(app, pool, cookie))
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            pending.conn.stream.hook = None
+            return await self._handle(pending.head, resume=pending)
+        if self._drain_due:
+            self._drain_due = False
+            await self.writer.drain()
+        return True
+
+    async def _read_head(self) -> RequestHead | _Wake | None:
         s = self.settings
         loop = self.loop
         deadline: float | None = None
@@ -334,12 +397,19 @@ class ClientConnection:
             timeout = s.client_idle_timeout if deadline is None else deadline - loop.time()
             if timeout <= 0:
                 raise ClientTimeout()
+            self._idle_wait = deadline is None and not self.parser.in_message
             try:
                 data = await self.stream.read(READ_SIZE, timeout)
+            except Kick:
+                if self._pending is not None or self._handoff is not None or self._drain_due:
+                    return _WAKE
+                continue  # the client's data is in the parser
             except TimeoutError:
                 raise ClientTimeout() from None
             except (ConnectionError, OSError):
                 return None
+            finally:
+                self._idle_wait = False
             if not data:
                 self.eof = True
                 self.parser.feed_eof()
@@ -366,16 +436,32 @@ class ClientConnection:
         self.writer.write(error_response(status, detail, close=not keep))
         return keep
 
-    async def _handle(self, head: RequestHead) -> bool:
+    async def _handle(
+        self,
+        head: RequestHead,
+        pre: tuple[str, HostPool | None, str | None] | None = None,
+        resume: _Pending | None = None,
+    ) -> bool:
+        """Serve one request; True if the connection goes on.
+
+        ``pre``: the fast path routed it (application, first host, cookie) and found no
+        idle connection. ``resume``: the fast path sent it; its response is to be read.
+        """
         router = self.router
         loop = self.loop
-        self.counters["requests"] += 1
-        app = router.route(head)
-        choice = (
-            await self._affinity(head, app, loop.time())
-            if self.settings.affinity and (head.cookies or self.tls_key is not None)
-            else None  # nothing to look up
-        )
+        choice: _Choice | None = None
+        if resume is not None:
+            app = resume.app
+        elif pre is not None:
+            app = pre[0]
+        else:
+            self.counters["requests"] += 1
+            app = router.route(head)
+            choice = (
+                await self._affinity(head, app, loop.time())
+                if self.settings.affinity and (head.cookies or self.tls_key is not None)
+                else None  # nothing to look up
+            )
         tried: set[str] = set()
         sent_once = False
         continued = False
@@ -383,29 +469,43 @@ class ClientConnection:
         self.response_started = False
         while True:
             now = loop.time()
-            if choice is not None:
-                pool: HostPool | None = choice.pool
-                cookie = choice.cookie
-                choice = None
+            sent = resume
+            if sent is not None:
+                resume = None
+                pool: HostPool | None = sent.pool
+                conn = sent.conn
+                cookie = sent.cookie
+                tried.add(sent.pool.host)
             else:
-                pool = router.pick(app, now, tried)
-                cookie = None
-            if pool is None:
-                if connect_failed:
-                    return await self._answer(head, 502, "no backend could be reached")
-                self.counters["no_host"] += 1
-                return await self._answer(head, 503, "no host available")
-            tried.add(pool.host)
+                if pre is not None:
+                    pool, cookie = pre[1], pre[2]
+                    pre = None
+                elif choice is not None:
+                    pool = choice.pool
+                    cookie = choice.cookie
+                    choice = None
+                else:
+                    pool = router.pick(app, now, tried)
+                    cookie = None
+                if pool is None:
+                    if connect_failed:
+                        return await self._answer(head, 502, "no backend could be reached")
+                    self.counters["no_host"] += 1
+                    return await self._answer(head, 503, "no host available")
+                tried.add(pool.host)
+                try:
+                    conn = pool.take() or await pool.acquire()
+                except ConnectFailed:
+                    connect_failed = True
+                    self.counters["backend_connect_retries"] += 1
+                    continue
+                if head.expect_continue and head.has_body and not continued:
+                    continued = True
+                    self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            assert pool is not None
             try:
-                conn = pool.take() or await pool.acquire()
-            except ConnectFailed:
-                connect_failed = True
-                self.counters["backend_connect_retries"] += 1
-                continue
-            if head.expect_continue and head.has_body and not continued:
-                continued = True
-                self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            try:
+                if sent is not None:
+                    return await self._resumed(head, sent)
                 return await self._exchange(head, app, pool, conn, cookie)
             except BackendFailed as exc:
                 pool.release(conn, False)
@@ -489,7 +589,7 @@ class ClientConnection:
             parts += (b"X-Forwarded-For: ", self.client_ip, b"\r\n")
         parts.append(router.proto_line)
         if not has_rid:
-            parts += (b"X-Request-Id: ", router.request_id(), b"\r\n")
+            parts.append(router._rid_head % next(router._rid))
         parts.append(router.request_set[app])
         if head.framing == "chunked":
             parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -590,7 +690,38 @@ class ClientConnection:
         ev = await self._backend_event(conn, rparser, upload)
         if not isinstance(ev, ResponseHead):
             raise BackendFailed("no response head", False)
-        rhead = ev
+        rendered, client_keep, chunked_out = self._render_head(head, app, pool, ev, upload, cookie)
+        buf = [rendered]
+        writer = self.writer
+        events = rparser.events
+        while True:
+            while events:
+                ev = events.popleft()
+                if isinstance(ev, End):
+                    if chunked_out:
+                        buf.append(LAST_CHUNK)
+                    writer.write(b"".join(buf))
+                    return await self._finish(head, pool, conn, rparser, upload, client_keep)
+                if isinstance(ev, bytes) and ev:
+                    buf.append(chunk(ev) if chunked_out else ev)
+            if buf:
+                writer.write(b"".join(buf))
+                buf = []
+                if writer.buffered() > HIGH_WATER:
+                    await writer.drain()
+            ev = await self._backend_event(conn, rparser, upload)
+            events.appendleft(ev)
+
+    def _render_head(
+        self,
+        head: RequestHead,
+        app: str,
+        pool: HostPool,
+        rhead: ResponseHead,
+        upload: asyncio.Task[None] | None,
+        cookie: str | None,
+    ) -> tuple[bytes, bool, bool]:
+        """The response head for the client, whether the connection goes on, chunked out."""
         client_keep = head.keep_alive
         chunked_out = False
         router = self.router
@@ -600,7 +731,13 @@ class ClientConnection:
         s = self.settings
         app_cookie = router.app_cookie
         status = rhead.status
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, rhead.reason or b"-")]
+        line_key = (status, rhead.reason)
+        line = router.status_lines.get(line_key)
+        if line is None:
+            line = b"HTTP/1.1 %d %b\r\n" % (status, rhead.reason or b"-")
+            if len(router.status_lines) < 256:
+                router.status_lines[line_key] = line
+        parts = [line]
         strip_length = rhead.framing in ("chunked", "close")
         for k, v in rhead.headers:
             lk = k.lower()
@@ -622,7 +759,7 @@ class ClientConnection:
             # A session starts with a successful answer to a client; health
             # probes and errors start none (each would be a tracker entry).
             new_id = _token()
-            router.affinity.record(router.affinity.key("http-cookie", new_id), pool.host)
+            router.affinity.record(router.cookie_key + new_id, pool.host)
             parts += (router.cookie_start, new_id.encode(), router.cookie_attrs)
         if self.tls_key is not None and not self.tls_recorded:
             self.tls_recorded = True
@@ -636,31 +773,196 @@ class ClientConnection:
         elif head.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        buf = [b"".join(parts)]
         key = _RESPONSES.get(status // 100)
         if key is None:
             key = f"responses_{status // 100}xx"
         self.counters[key] += 1
         self.response_started = True
-        writer = self.writer
+        return b"".join(parts), client_keep, chunked_out
+
+    async def _resumed(self, head: RequestHead, sent: _Pending) -> bool:
+        """The response to a request the fast path sent (``_exchange``'s second half)."""
+        conn = sent.conn
+        rparser = conn.parser
+        assert rparser is not None
+        if sent.error is not None:
+            raise BackendFailed(str(sent.error), rparser.bytes_seen == 0)
+        stream = conn.stream
+        if (
+            not rparser.events
+            and not stream.has_data()
+            and not stream.at_eof()
+            and self.loop.time() >= sent.deadline
+        ):
+            raise BackendFailed("timeout", rparser.bytes_seen == 0, timeout=True)
+        return await self._respond(head, sent.app, sent.pool, conn, rparser, None, sent.cookie)
+
+    # -- the fast path -----------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> bool:
+        """Client bytes while the coroutine waits between requests; False: not taken."""
+        stream = self.stream
+        if self.eof or not stream.waiting() or stream.has_data():
+            return False
+        if self._pending is not None or self._handoff is not None or self._drain_due:
+            stream.push(data)
+            stream.kick()
+            return True
+        parser = self.parser
+        if parser.events or parser.in_message or parser.failed:
+            return False
+        parser.feed(data)
+        events = parser.events
+        if len(events) != 2 or events[1] is not END or not self._start_fast(events[0]):
+            stream.kick()  # the coroutine takes it from the parser
+        return True
+
+    def _start_fast(self, head: object) -> bool:
+        """Send a whole request without a body from the callback; False: nothing done."""
+        if (
+            not isinstance(head, RequestHead)
+            or not head.keep_alive
+            or head.has_body
+            or head.expect_continue
+            or self.tls_key is not None
+        ):
+            return False
+        router = self.router
+        s = self.settings
+        loop = self.loop
+        app = router.route(head)
+        now = loop.time()
+        choice: _Choice | None = None
+        if s.affinity and head.cookies:
+            counts: list[str] = []
+            ok, choice = self._affinity_nowait(head, app, now, counts)
+            if not ok:
+                return False
+            for name in counts:
+                self.counters[name] += 1
+        self.parser.events.clear()  # the head and its END
+        self.counters["requests"] += 1
+        self.response_started = False
+        if choice is not None:
+            pool: HostPool | None = choice.pool
+            cookie = choice.cookie
+        else:
+            pool = router.pick(app, now, set())
+            cookie = None
+        conn = pool.take() if pool is not None else None
+        if pool is None or conn is None:
+            self._handoff = (head, app, pool, cookie)
+            self.stream.kick()
+            return True
+        if conn.parser is None:
+            conn.parser = ResponseReader()
+        rparser = conn.parser
+        rparser.start(head.method)
+        rparser.bytes_seen = 0
+        deadline = now + s.backend_response_timeout
+        self._pending = _Pending(head, app, pool, conn, cookie, deadline)
+        conn.stream.hook = self._backend_data
+        self.stream.set_deadline(deadline)
+        conn.stream.write(self._request_bytes(head, app, pool))
+        return True
+
+    def _affinity_nowait(
+        self, head: RequestHead, app: str, now: float, counts: list[str]
+    ) -> tuple[bool, _Choice | None]:
+        """``_affinity`` from the cache alone (no TLS key); (False, None): needs the tracker.
+
+        The counters it would bump go to ``counts``, to be applied only on success.
+        """
+        s = self.settings
+        router = self.router
+        cookies = _cookies(head.cookies)
+        value = cookies.get(s.affinity_cookie)
+        if value is not None and _AFFINITY_ID.match(value):
+            ok, host = self._lookup_nowait(router.cookie_key + value, counts)
+            if not ok:
+                return False, None
+            if host is not None and router.alive(app, host, now):
+                counts.append("affinity_kept")
+                return True, _Choice(router.app_pools[app][host], value)
+            counts.append("affinity_reset")
+        if s.app_cookie is not None and (app_value := cookies.get(s.app_cookie)):
+            key = _app_cookie_key(s.app_cookie, app_value)
+            host = None
+            if key is not None:
+                ok, host = self._lookup_nowait(key, counts)
+                if not ok:
+                    return False, None
+            if host is not None and router.alive(app, host, now):
+                counts.append("affinity_app_cookie")
+                return True, _Choice(router.app_pools[app][host])
+        return True, None
+
+    def _lookup_nowait(self, key: str, counts: list[str]) -> tuple[bool, str | None]:
+        """``AffinityTable.lookup`` without the tracker; (False, None): it needs the tracker."""
+        aff = self.router.affinity
+        host = aff.cached(key)
+        if host is not None:
+            counts.append("affinity_cache_hits")
+            return True, host
+        if aff.tracker is None:
+            counts.append("affinity_unknown")
+            return True, None
+        return False, None
+
+    def _backend_data(self, data: bytes | None) -> None:
+        """The backend hook of a fast-path request: answer a whole response at once."""
+        p = self._pending
+        if p is None:
+            return
+        conn = p.conn
+        if data is None:  # EOF or lost: the coroutine reads what happened
+            self._fall_back(p)
+            return
+        rparser = conn.parser
+        assert rparser is not None
+        try:
+            rparser.feed(data)
+        except BackendProtocolError as exc:
+            p.error = exc
+            self._fall_back(p)
+            return
         events = rparser.events
-        while True:
-            while events:
-                ev = events.popleft()
-                if isinstance(ev, End):
-                    if chunked_out:
-                        buf.append(LAST_CHUNK)
-                    writer.write(b"".join(buf))
-                    return await self._finish(head, pool, conn, rparser, upload, client_keep)
-                if isinstance(ev, bytes) and ev:
-                    buf.append(chunk(ev) if chunked_out else ev)
-            if buf:
-                writer.write(b"".join(buf))
-                buf = []
-                if writer.buffered() > HIGH_WATER:
-                    await writer.drain()
-            ev = await self._backend_event(conn, rparser, upload)
-            events.appendleft(ev)
+        if not events or not isinstance(events[-1], End):
+            if rparser.bytes_seen > HIGH_WATER:
+                self._fall_back(p)
+            else:
+                p.deadline = self.loop.time() + self.settings.backend_response_timeout
+                self.stream.set_deadline(p.deadline)
+            return
+        rhead = events[0]
+        head = p.head
+        if not isinstance(rhead, ResponseHead) or (
+            rhead.framing in ("chunked", "close") and head.version != "1.1"
+        ):
+            self._fall_back(p)
+            return
+        self._pending = None
+        conn.stream.hook = None
+        events.popleft()
+        rendered, _, chunked_out = self._render_head(head, p.app, p.pool, rhead, None, p.cookie)
+        buf = [rendered]
+        for ev in events:
+            if isinstance(ev, bytes) and ev:
+                buf.append(chunk(ev) if chunked_out else ev)
+        if chunked_out:
+            buf.append(LAST_CHUNK)
+        events.clear()
+        writer = self.writer
+        writer.write(b"".join(buf))
+        p.pool.release(conn, rparser.reusable)
+        self.stream.set_deadline(self.loop.time() + self.settings.client_idle_timeout)
+        if writer.buffered() > HIGH_WATER:
+            self._drain_due = True
+            self.stream.kick()
+
+    def _fall_back(self, p: _Pending) -> None:
+        p.conn.stream.hook = None
+        self.stream.kick()  # not waiting: the coroutine is on its way to ``_catch_up``
 
     async def _finish(
         self,
@@ -723,17 +1025,18 @@ class _ClientAbort(Exception):
         self.error = error
 
 
-_RANDOM = bytearray()
-os.register_at_fork(after_in_child=_RANDOM.clear)
+_TOKENS: list[str] = []
+os.register_at_fork(after_in_child=_TOKENS.clear)
 
 
 def _token() -> str:
     """``secrets.token_urlsafe(18)``, from ``os.urandom`` read in bulk (one syscall per 512)."""
-    if not _RANDOM:
-        _RANDOM.extend(os.urandom(18 * 512))
-    raw = bytes(_RANDOM[-18:])
-    del _RANDOM[-18:]
-    return base64.urlsafe_b64encode(raw).decode("ascii")  # 18 bytes: 24 characters, no "="
+    if not _TOKENS:
+        # 18 bytes encode to 24 characters without "=": the batch's encoding is the
+        # tokens' encodings one after another.
+        text = base64.urlsafe_b64encode(os.urandom(18 * 512)).decode("ascii")
+        _TOKENS.extend(text[i : i + 24] for i in range(0, len(text), 24))
+    return _TOKENS.pop()
 
 
 def _app_cookie_key(name: str, value: str) -> str | None:

@@ -51,6 +51,7 @@ class _ClientStream(Stream):
         super().__init__(256 * 1024)
         self._router = router
         self._tasks = tasks
+        self._conn: ClientConnection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -58,9 +59,16 @@ class _ClientStream(Stream):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.get_running_loop().create_task(ClientConnection(self._router, self).serve())
+        conn = self._conn = ClientConnection(self._router, self)
+        task = asyncio.get_running_loop().create_task(conn.serve())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is not None and conn._idle_wait and conn.client_data(data):
+            return  # taken by the fast path
+        super().data_received(data)
 
 
 class RouterService:
