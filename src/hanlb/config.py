@@ -150,7 +150,8 @@ class SwitchSettings(_Model):
 
 
 class NodeConfig(_Model):
-    """A component that listens on ADDRESS:PORT (tracker node, HL handler, router)."""
+    """A component that listens on ADDRESS:PORT (classifier, tracker node, HL
+    handler, request router)."""
 
     name: Name
     listen: str
@@ -305,22 +306,8 @@ class ForwarderConfig(_Model):
         return v
 
 
-class ClassifierConfig(_Model):
-    name: Name
-    listen: str
-    """ADDRESS:PORT where forwarders connect for route plumbing."""
-    admin: str | None = None
-
-    @field_validator("listen", "admin")
-    @classmethod
-    def _ep(cls, v: str | None) -> str | None:
-        if v is not None:
-            _endpoint(v)
-        return v
-
-    @property
-    def endpoint(self) -> tuple[str, int]:
-        return _endpoint(self.listen)
+class ClassifierConfig(NodeConfig):
+    """A classifier: ``listen`` is where forwarders connect for route plumbing."""
 
 
 class ClusterSection(_Model):
