@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -64,3 +65,28 @@ def parallel_load(lab: Lab, per_client: int, **opts: Any) -> dict[str, Any]:
         "errors": dict(errors),
         "per_client": results,
     }
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` (a load generator, say) in a thread; ``result_of`` joins it."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # handed to the test by result_of
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def result_of(thread: threading.Thread, out: list[Any], timeout: float = 120) -> Any:
+    """``fn``'s result; its exception is raised here."""
+    thread.join(timeout)
+    assert not thread.is_alive(), "background job did not finish"
+    assert out, "background job returned nothing"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]

@@ -12,26 +12,11 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from typing import Any
 
 import pytest
 
-from tests.lab.helpers import LabFactory, ctl, wait_for, wait_plumbed
-
-
-def background(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    t.start()
-    return t, out
-
-
-def joined(t: threading.Thread, out: list[Any], timeout: float = 120) -> Any:
-    t.join(timeout)
-    assert out, "background load did not finish"
-    return out[0]
+from tests.lab.helpers import LabFactory, ctl, in_background, result_of, wait_for, wait_plumbed
 
 
 @pytest.mark.lab
@@ -52,11 +37,11 @@ def test_classifier_dies_during_churn(lab_factory: LabFactory, how: str) -> None
     )
 
     streams = [
-        background(lambda ns=ns: lab.load(ns, "stream", connections=40, seconds=10, timeout=40))
+        in_background(lambda ns=ns: lab.load(ns, "stream", connections=40, seconds=10, timeout=40))
         for ns in lab.clients
     ]
     churn = [
-        background(lambda ns=ns: lab.load(ns, "http", duration=8, concurrency=6, timeout=10))
+        in_background(lambda ns=ns: lab.load(ns, "http", duration=8, concurrency=6, timeout=10))
         for ns in lab.clients
     ]
     time.sleep(3)
@@ -69,12 +54,12 @@ def test_classifier_dies_during_churn(lab_factory: LabFactory, how: str) -> None
     reassigned = time.monotonic() - killed
     print(f"fw1 reassigned to cl2 {reassigned * 1000:.0f} ms after cl1 was {how}")
 
-    results = [joined(*c) for c in churn]
+    results = [result_of(*c) for c in churn]
     ok = sum(r["ok"] for r in results)
     total = ok + sum(r["failed"] for r in results)
     print(f"churn: {ok}/{total} new connections succeeded ({ok / total:.4%})")
     assert ok / total >= 0.999, [r["errors"] for r in results]
-    for r in (joined(*s) for s in streams):
+    for r in (result_of(*s) for s in streams):
         assert r["failed"] == 0, r["errors"]  # established connections lose nothing
     assert reassigned < 2.0  # detection 150-200 ms + reconnect; generous for a loaded box
     if how == "frozen":
@@ -122,7 +107,7 @@ def test_syn_flood_does_not_starve_legitimate_clients(lab_factory: LabFactory) -
     lab.wait_ready()
     wait_plumbed(lab)
 
-    legit = background(lambda: lab.load("hl-c1", "http", duration=9, concurrency=4, timeout=10))
+    legit = in_background(lambda: lab.load("hl-c1", "http", duration=9, concurrency=4, timeout=10))
     time.sleep(1.5)  # the legitimate client is talking to the VIP before the flood
     proc = lab.netns_exec(
         "hl-c2",
@@ -142,7 +127,7 @@ def test_syn_flood_does_not_starve_legitimate_clients(lab_factory: LabFactory) -
     )
     assert proc.returncode == 0, proc.stderr
     flood = json.loads(proc.stdout)
-    result = joined(*legit)
+    result = result_of(*legit)
     ok, total = result["ok"], result["ok"] + result["failed"]
     stats = [ctl(f)["datapath_stats"] for f in ("fw1", "fw2")]
     limited = sum(s["limited_global"] + s["limited_source"] for s in stats)

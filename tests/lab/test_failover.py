@@ -11,39 +11,15 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from hanlb.lab.topology import Lab, hanlb_command
-from tests.lab.helpers import LabFactory, ctl, wait_for, wait_plumbed
+from tests.lab.helpers import LabFactory, ctl, in_background, result_of, wait_for, wait_plumbed
 
 STREAMS_PER_CLIENT = 100
 STREAM_SECONDS = 12.0
-
-
-def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:  # reported by the test through `out`
-            out.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def result_of(thread: threading.Thread, out: list[Any], timeout: float) -> Any:
-    thread.join(timeout)
-    assert not thread.is_alive(), "load generator did not finish"
-    assert out, "load generator returned nothing"
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
 
 
 def routes(name: str) -> dict[str, str]:

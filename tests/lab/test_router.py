@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -26,7 +24,7 @@ import pytest
 
 from hanlb.lab.topology import L7_APP, L7_VIP, TLS_NAME, Lab, hanlb_command
 from hanlb.tracker.entry import session_key
-from tests.lab.helpers import LabFactory, ctl, wait_for, wait_plumbed
+from tests.lab.helpers import LabFactory, ctl, in_background, result_of, wait_for, wait_plumbed
 
 COOKIE = "HANLB_AFFINITY"
 BACKENDS = {"h1", "h2", "h3", "h4"}
@@ -166,29 +164,6 @@ def tracked(lab: Lab, host: str, key: str) -> bool:
 def tracker_links(router: str) -> bool:
     links: list[str] | None = ctl(router)["tracker"]
     return links == ["tr1", "tr2"]
-
-
-def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:  # handed to the test by result_of
-            out.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def result_of(thread: threading.Thread, out: list[Any], timeout: float) -> Any:
-    thread.join(timeout)
-    assert not thread.is_alive(), "background job did not finish"
-    assert out, "background job returned nothing"
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
 
 
 @pytest.mark.lab

@@ -365,15 +365,9 @@ class HostPool:
 
     async def acquire(self) -> BackendConn:
         """An idle pooled connection, or a new one (``ConnectFailed``)."""
-        while self.idle:
-            conn = self.idle.pop()  # most recently used: least likely timed out
-            if conn.usable():
-                self.busy += 1
-                self.reused += 1
-                if len(self.idle) < self.min_idle:
-                    self.changed.set()
-                return conn
-            self._discard(conn)
+        conn = self.take()
+        if conn is not None:
+            return conn
         self.changed.set()
         conn = await self.connect()
         self.busy += 1
