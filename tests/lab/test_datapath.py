@@ -254,8 +254,8 @@ def test_kernel_miss_hit_close_remove_drop(netns: str) -> None:
             assert await peer.recv(QUIET) is None
             assert dp.packet_counts() == {}
 
-            # Drops drop (routed or not) until the ttl runs out.
-            dp.install([(a, HOST_MAC)])
+            # Drops drop until the ttl runs out (the core deletes a flow's route
+            # before it drops the flow: a flow is never in both).
             dp.install_drops([(a, 30.0), (b, 0.5)])
             peer.send(ack)
             peer.send(make_frame(b, ACK, own))
@@ -266,6 +266,12 @@ def test_kernel_miss_hit_close_remove_drop(netns: str) -> None:
             peer.send(make_frame(b, ACK, own))
             delivered = await inbox.get()
             assert delivered is not None and parse_frame(delivered).flow == b
+            # A route lifts a standing drop; lifting an expired one is harmless.
+            dp.lift_drops([a, b])
+            dp.install([(a, HOST_MAC)])
+            peer.send(ack)
+            assert await peer.recv() == HOST_MAC + own + ack[12:]
+            assert dp.stats()["drops"] == 2
 
             # transmit() sends out of lan0.
             dp.transmit(HOST_MAC + own + syn[12:])
@@ -391,8 +397,12 @@ def test_userspace_deliver_transmit_drop(netns: str) -> None:
             await asyncio.sleep(0.5)
             peer.send(ack)
             assert await inbox.get() == ack
+            dp.lift_drops([b])
+            ack_b = make_frame(b, ACK, own)
+            peer.send(ack_b)
+            assert await inbox.get() == ack_b
             stats = dp.stats()
-            assert stats["transmitted"] == 1 and stats["delivered"] == 4
+            assert stats["transmitted"] == 1 and stats["delivered"] == 5
         finally:
             peer.close()
             dp.close()

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from hanlb.flow import ACK, FIN, SYN, FlowKey, mac_bytes
-from hanlb.forwarder.core import ForwarderCore, Install, Remove, RouteState, Transmit, Trust
+from hanlb.forwarder.core import (
+    ForwarderCore,
+    Install,
+    LiftDrops,
+    Remove,
+    RouteState,
+    Transmit,
+    Trust,
+)
 from hanlb.protocol.messages import (
     AddRoutes,
     ClassifyBatch,
@@ -135,6 +143,20 @@ def test_drop_route_drops_without_asking() -> None:
     core.handle_timer(now=6.0)
     core.on_frame(frame(), now=6.1)
     assert len(core.messages()) == 1
+
+
+def test_a_route_lifts_a_standing_drop() -> None:
+    core = make()
+    core.on_message(DropRoutes([DropRoute(flow(1), 5.0), DropRoute(flow(2), 1.0)]), now=0.0)
+    core.actions()
+    routes = [Route(flow(1), "h1", HOST), Route(flow(2), "h1", HOST)]
+    core.on_message(AddRoutes(routes), now=2.0)
+    actions = core.actions()
+    # flow(2)'s drop had ended: nothing to lift in the datapath.
+    assert actions[0] == LiftDrops([flow(1)])
+    assert isinstance(actions[1], Install) and len(actions[1].routes) == 2
+    assert not core.drops
+    assert core.counters["drop_routes_lifted"] == 1
 
 
 def test_delete_and_dump() -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "ForwarderCore",
     "Install",
     "InstallDrops",
+    "LiftDrops",
     "Remove",
     "RouteState",
     "Transmit",
@@ -111,6 +112,13 @@ class InstallDrops:
 
 
 @dataclass(frozen=True, slots=True)
+class LiftDrops:
+    """Flows that had a drop route and now have a route: the route wins."""
+
+    flows: list[FlowKey]
+
+
+@dataclass(frozen=True, slots=True)
 class Transmit:
     frame: bytes
 
@@ -122,7 +130,7 @@ class Trust:
     sources: list[str]
 
 
-Action = Install | Remove | InstallDrops | Transmit | Trust
+Action = Install | Remove | InstallDrops | LiftDrops | Transmit | Trust
 
 TRUST_REFRESH = 60.0
 """An address is re-trusted in the datapath at most this often."""
@@ -237,6 +245,7 @@ class ForwarderCore:
 
     def plumb(self, routes: Sequence[Route], now: float) -> None:
         batch: list[tuple[FlowKey, bytes]] = []
+        lifted: list[FlowKey] = []
         sends: list[Action] = []
         for r in routes:
             raw = mac_bytes(r.mac)
@@ -247,7 +256,9 @@ class ForwarderCore:
                 batch.append((r.flow, raw))
             route = _Route(r.host, r.mac, raw, RouteState.PLUMBED, now)
             self.routes[r.flow] = route
-            self.drops.pop(r.flow, None)
+            drop_until = self.drops.pop(r.flow, None)
+            if drop_until is not None and drop_until > now:
+                lifted.append(r.flow)
             pending = self.pending.pop(r.flow, None)
             if pending is not None:
                 route.syn_seq = pending.syn_seq
@@ -257,6 +268,9 @@ class ForwarderCore:
                     flags = frame[14 + (frame[14] & 0x0F) * 4 + 13]
                     if flags & (FIN | RST):
                         self._start_closing(self.routes[r.flow], now)
+        if lifted:
+            self.counters["drop_routes_lifted"] += len(lifted)
+            self._actions.append(LiftDrops(lifted))
         if batch:
             self.counters["routes_installed"] += len(batch)
             self.counters["install_batches"] += 1

@@ -51,6 +51,11 @@ class Datapath(abc.ABC):
         """Drop these flows' packets in the datapath for ttl seconds."""
 
     @abc.abstractmethod
+    def lift_drops(self, flows: Sequence[FlowKey]) -> None:
+        """End these flows' drop routes before their ttl (a route replaced them);
+        flows whose drop already ended are ignored."""
+
+    @abc.abstractmethod
     def transmit(self, frame: bytes) -> None:
         """Send an already rewritten frame out of the LAN interface."""
 
@@ -97,6 +102,10 @@ class MemoryDatapath(Datapath):
 
     def install_drops(self, drops: Sequence[tuple[FlowKey, float]]) -> None:
         self.drops.update(drops)
+
+    def lift_drops(self, flows: Sequence[FlowKey]) -> None:
+        for f in flows:
+            self.drops.pop(f, None)
 
     def transmit(self, frame: bytes) -> None:
         self.sent.append(frame)

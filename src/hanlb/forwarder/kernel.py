@@ -3,7 +3,12 @@
 One ``netdev`` table hooks the LAN interface's ingress; VIP traffic jumps
 (``goto``) to chain ``vip`` after one lookup, everything else passes at once:
 
-- ``drops`` (set with timeouts): packets of dropped flows are discarded;
+- ``routes`` hit, neither SYN, FIN nor RST (nearly every packet): forwarded at
+  once (below), after one lookup;
+- ``drops`` (set with timeouts): packets of dropped flows are discarded. A
+  flow is never in both (a drop route deletes the flow's route, a route lifts
+  the flow's drop: ``lift_drops``), so checking drops after the common case
+  costs the common case nothing;
 - every connection-opening SYN (SYN without ACK) to a VIP goes to the miss
   TAP, routed or not: the core tells a retransmitted SYN (same sequence
   number: same host) from a new connection that reuses a closed flow's
@@ -139,8 +144,8 @@ table netdev {table} {{
     {vip} goto vip
   }}
   chain vip {{
-    {key} @drops counter name "drops" drop
     tcp flags & (syn|fin|rst) == 0 {route} counter name "hits" fwd to "{interface}"
+    {key} @drops counter name "drops" drop
     tcp flags & (fin|rst) != 0 {route} counter name "closes" dup to "{miss_device}" fwd to "{interface}"
 {limit_rules}    {opening} counter name "syns" fwd to "{miss_device}"
     counter name "misses" fwd to "{miss_device}"
@@ -320,6 +325,18 @@ class KernelDatapath(Datapath):
         # Re-adding a present element refreshes its timeout (checked on 6.18).
         for part in _chunks(items, self.chunk):
             nft.run(f"add element netdev {self.table} drops {{ {', '.join(part)} }}")
+
+    def lift_drops(self, flows: Sequence[FlowKey]) -> None:
+        nft = self._require_nft()
+        for part in _chunks([f.nft() for f in flows], self.chunk):
+            try:
+                nft.run(f"delete element netdev {self.table} drops {{ {', '.join(part)} }}")
+            except NftError:
+                # One of them timed out meanwhile (nft 1.0.6 has no "destroy"):
+                # delete them one by one, the expired ones fail harmlessly.
+                for key in part:
+                    with contextlib.suppress(NftError):
+                        nft.run(f"delete element netdev {self.table} drops {{ {key} }}")
 
     def trust(self, sources: Sequence[str]) -> None:
         """Add client addresses to the ``trusted`` set (exempt from the global

@@ -28,7 +28,7 @@ from ..net import Link, LinkClosed, open_link
 from ..protocol.messages import Hello, Ping, Pong
 from ..switch.detector import FailureDetector, PeerSuspected
 from .assign import ClassifierChoice
-from .core import ForwarderCore, Install, InstallDrops, Remove, Transmit, Trust
+from .core import ForwarderCore, Install, InstallDrops, LiftDrops, Remove, Transmit, Trust
 from .datapath import Datapath, MemoryDatapath
 from .probe import start_probe_responder
 
@@ -167,6 +167,8 @@ class ForwarderService:
                     dp.remove(action.flows)
                 elif isinstance(action, InstallDrops):
                     dp.install_drops(action.drops)
+                elif isinstance(action, LiftDrops):
+                    dp.lift_drops(action.flows)
                 elif isinstance(action, Trust):
                     dp.trust(action.sources)
             except (OSError, RuntimeError) as exc:  # NftError is a RuntimeError

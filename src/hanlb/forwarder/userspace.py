@@ -167,6 +167,10 @@ class UserspaceDatapath(Datapath):
         if len(self._drops) > 4096:
             self._drops = {k: e for k, e in self._drops.items() if e > now}
 
+    def lift_drops(self, flows: Sequence[FlowKey]) -> None:
+        for flow in flows:
+            self._drops.pop(raw_key(flow), None)
+
     def packet_counts(self) -> dict[FlowKey, int] | None:
         return None
 

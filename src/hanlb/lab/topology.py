@@ -267,6 +267,22 @@ def _sysctl(netns: str, settings: Mapping[str, str | int]) -> None:
     _run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *args])
 
 
+def _switch_only(netns: str) -> None:
+    """Make the bridge in ``netns`` a plain L2 switch.
+
+    Where ``br_netfilter`` is loaded (something on the machine loaded it on
+    this one), every bridged IPv4 frame also runs the namespace's IP netfilter
+    hooks (``net.bridge.bridge-nf-call-iptables`` = 1 is the default in a new
+    namespace): a switch in a real network does nothing of the kind, and it
+    costs each pass through the bridge (profiled: 7% of the CPU samples of one
+    TCP upload). ``-e``: where the module is not loaded the keys do not exist
+    and there is nothing to turn off.
+    """
+    keys = ("iptables", "ip6tables", "arptables")
+    args = [f"net.bridge.bridge-nf-call-{k}=0" for k in keys]
+    _run(["ip", "netns", "exec", netns, "sysctl", "-e", "-q", "-w", *args])
+
+
 def netns_exec(netns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """``subprocess.run`` of ``argv`` inside ``netns``; output captured as text by default."""
     kwargs.setdefault("capture_output", True)
@@ -597,6 +613,7 @@ def _build_network(spec: LabSpec, nodes: Sequence[Node]) -> None:
         lan.append(f"link set p-{n.name} master br0")
         lan.append(f"link set p-{n.name} up")
     _ip_batch(LAN_NS, lan)
+    _switch_only(LAN_NS)
     for n in nodes:
         cmds = [
             f"link set lan0 address {n.mac}",
