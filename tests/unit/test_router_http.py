@@ -28,7 +28,7 @@ from hanlb.router.http import (
     error_response,
     hop_by_hop_names,
 )
-from hanlb.router.proxy import tls_session_key
+from hanlb.router.proxy import _without_cookie, tls_session_key
 
 GOOD = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
 
@@ -335,3 +335,17 @@ def test_affinity_table_is_a_bounded_local_cache_without_tracker() -> None:
         assert counters["affinity_cache_hits"] == 2 and counters["affinity_unknown"] == 1
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("value", "left"),
+    [
+        (b"A=1; B=2; C=3", b"A=1; C=3"),
+        (b"B=2", b""),
+        (b"B=2;B=3; A=x=y", b"A=x=y"),
+        (b"XB=1; BX=2; A=1", b"XB=1; BX=2; A=1"),  # other names that contain it stay
+        (b" A=1 ;  B = 2 ; ", b"A=1"),
+    ],
+)
+def test_without_cookie_takes_out_only_that_name(value: bytes, left: bytes) -> None:
+    assert _without_cookie(value, b"B") == left

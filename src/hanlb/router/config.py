@@ -144,6 +144,9 @@ class RouterSettings(_Model):
     affinity: bool = True
     """Keep a client on one host with the affinity cookie (and its TLS session)."""
     affinity_cookie: str = "HANLB_AFFINITY"
+    forward_affinity_cookie: bool = False
+    """False (as HAProxy's ``cookie ... indirect``): the affinity cookie is the
+    router's business and is taken out of the Cookie header backends see."""
     affinity_max_age: Annotated[int, Field(ge=0)] | None = None
     """Max-Age of the affinity cookie in seconds; None: a browser-session cookie."""
     app_cookie: str | None = None

@@ -194,6 +194,11 @@ class Router:
         self.proto_line = b"X-Forwarded-Proto: " + self.proto + b"\r\n"
         self.app_cookie = settings.app_cookie.encode() if settings.app_cookie is not None else None
         self.cookie_start = f"Set-Cookie: {settings.affinity_cookie}=".encode()
+        self.strip_cookie = (
+            settings.affinity_cookie.encode()
+            if settings.affinity and not settings.forward_affinity_cookie
+            else None
+        )
         attrs = "; Path=/; HttpOnly"
         if tls:
             attrs += "; Secure"
@@ -254,6 +259,18 @@ def _cookies(values: tuple[bytes, ...]) -> dict[str, str]:
             if sep and name not in out:
                 out[name] = value.strip().strip('"')
     return out
+
+
+def _without_cookie(value: bytes, name: bytes) -> bytes:
+    """A Cookie header ``value`` without the pairs named ``name``."""
+    if name not in value:
+        return value
+    kept = [
+        part.strip()
+        for part in value.split(b";")
+        if part.strip() and part.partition(b"=")[0].strip() != name
+    ]
+    return b"; ".join(kept)
 
 
 class ClientConnection:
@@ -578,6 +595,10 @@ class ClientConnection:
                 xff.append(v.strip())
             elif lk == b"x-request-id":
                 has_rid = True
+            elif lk == b"cookie" and router.strip_cookie is not None:
+                v = _without_cookie(v, router.strip_cookie)
+                if not v:
+                    continue
             if lk not in drop:
                 parts += (k, b": ", v, b"\r\n")
         if not head.host:  # HTTP/1.0 without Host: HTTP/1.1 to the backend needs one
